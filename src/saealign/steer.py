@@ -1,0 +1,363 @@
+"""M2: editing the SAE latents at one layer during generation (METHOD.md, "M2").
+
+The edits are pure functions of tensors (``edit_*``, :func:`apply_edit`); :func:`steer` applies one
+inside a Hugging Face causal LM through a forward hook on a decoder block and always removes it.
+
+Methods (``γ = sae.pre(x)``, ``a = σ(γ)``, ``s`` the topic scores, ``w = s ** strength``):
+
+- ``none``: the layer output is left as it is (contamination is still measured on ``a``);
+- ``sae``: ``a' = a`` (the control: the SAE alone);
+- ``clamp``: ``a' = a`` with the ``clamp_n`` highest-scoring latents set to ``clamp_multiplier × max_act``;
+- ``swap``: ``a' = [σ(γ ⊙ w) ≠ 0] ⊙ ReLU(γ)``, the latents that win after weighting, with their
+  original values (the paper's eq. 3);
+- ``weight``: ``a' = σ(γ ⊙ w)`` (appendix A.4).
+
+Output modes: ``replace`` (the paper) writes ``dec(a')`` into the residual stream; ``error`` writes
+``x + dec(a') − dec(a)``, keeping the SAE's reconstruction error, so an unedited SAE is the identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from saealign.errors import SaealignError
+from saealign.sae import SAE
+
+METHODS = ("none", "sae", "clamp", "swap", "weight")
+MODES = ("error", "replace")
+
+
+@dataclass(frozen=True)
+class Steering:
+    """How to edit the latents at the hooked layer. A value: build one per request, reuse freely."""
+
+    method: str = "swap"
+    """One of none, sae, clamp, swap, weight."""
+    mode: str = "error"
+    """``error``: x + dec(a') − dec(a) (keeps fluency); ``replace``: dec(a') (the paper)."""
+    clamp_n: int = 5
+    """Clamp: how many of the highest-scoring latents are forced on."""
+    clamp_multiplier: float = 10.0
+    """Clamp: forced value as a multiple of each latent's max activation over the reference set."""
+    strength: float = 1.0
+    """Swap/Weight: weights are ``scores ** strength`` (1 = the paper; >1 steers harder). Clamp ignores it."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SaealignError(f"unknown steering method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.mode not in MODES:
+            raise SaealignError(f"unknown steering mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.clamp_n < 1:
+            raise SaealignError(f"clamp_n must be at least 1, got {self.clamp_n}")
+        if not self.clamp_multiplier > 0:
+            raise SaealignError(f"clamp_multiplier must be positive, got {self.clamp_multiplier}")
+        if not self.strength >= 0:
+            raise SaealignError(f"strength must be >= 0, got {self.strength}")
+
+    def weights(self, scores: Tensor) -> Tensor:
+        """``scores ** strength`` (the scores themselves, bit for bit, when strength is 1)."""
+        return scores if self.strength == 1 else scores.pow(self.strength)
+
+
+class EditOutput(NamedTuple):
+    """What one edit produced, per token (``...`` = the leading dims of ``x``, e.g. ``[batch, seq]``)."""
+
+    out: Tensor
+    """``[..., d_in]`` the new layer output, in x's dtype."""
+    acts_edited: Tensor
+    """``[..., d_sae]`` a', in the SAE's dtype."""
+    acts_plain: Tensor
+    """``[..., d_sae]`` a = σ(γ), in the SAE's dtype."""
+    contamination: Tensor
+    """``[...]`` float32, Σ a'(1 − s) / Σ a'; 0 where no latent is active (see ``n_active``)."""
+    n_changed: Tensor
+    """``[...]`` int64, latents whose activation differs between a and a'."""
+    n_active: Tensor
+    """``[...]`` int64, latents active (non-zero) in a'; 0 marks tokens whose contamination is defined as 0."""
+
+
+# -- pure edits on the pre-activations -------------------------------------------------------
+def _rowwise(scores: Tensor, gamma: Tensor) -> Tensor:
+    """Shape ``scores`` to broadcast against ``gamma [..., d_sae]``.
+
+    ``[d_sae]`` is shared by every token; ``[batch, d_sae]`` gives row b of the batch its own scores
+    (viewed as ``[batch, 1, ..., 1, d_sae]``), so one batch can carry several topics.
+    """
+    d_sae = gamma.shape[-1]
+    if scores.shape[-1] != d_sae:
+        raise SaealignError(
+            f"scores have {scores.shape[-1]} latents but the SAE has {d_sae}: score with this SAE"
+        )
+    if scores.dim() == 1:
+        return scores
+    if scores.dim() == 2 and gamma.dim() >= 2 and scores.shape[0] == gamma.shape[0]:
+        return scores.view(scores.shape[0], *([1] * (gamma.dim() - 2)), d_sae)
+    raise SaealignError(
+        f"scores of shape {tuple(scores.shape)} do not fit activations {tuple(gamma.shape)}: "
+        "pass [d_sae] or [batch, d_sae]"
+    )
+
+
+def edit_sae(sae: SAE, gamma: Tensor) -> Tensor:
+    """``a = σ(γ)``: ``gamma [..., d_sae] -> [..., d_sae]``."""
+    return sae.activate(gamma)
+
+
+def edit_clamp(sae: SAE, gamma: Tensor, scores: Tensor, max_act: Tensor, n: int, multiplier: float) -> Tensor:
+    """``σ(γ)`` with the ``n`` highest-scoring latents set to ``multiplier × max_act``.
+
+    ``gamma [..., d_sae]``, ``scores [d_sae] | [batch, d_sae]`` (per-row picks), ``max_act [d_sae]``.
+    """
+    if not 0 < n <= gamma.shape[-1]:
+        raise SaealignError(f"clamp_n={n} must be between 1 and the SAE's {gamma.shape[-1]} latents")
+    if max_act.shape != (gamma.shape[-1],):
+        raise SaealignError(f"max_act has shape {tuple(max_act.shape)}, expected ({gamma.shape[-1]},)")
+    a = sae.activate(gamma)
+    idx = _rowwise(scores, gamma).topk(n, dim=-1).indices  # [n] or [batch, 1.., n]
+    values = (max_act.to(a.dtype) * multiplier)[idx]
+    shape = (*gamma.shape[:-1], n)
+    return a.scatter(-1, idx.expand(shape), values.expand(shape))
+
+
+def edit_swap(sae: SAE, gamma: Tensor, weights: Tensor) -> Tensor:
+    """``[σ(γ ⊙ w) ≠ 0] ⊙ ReLU(γ)``: the latents that win after weighting, at their original values.
+
+    ``gamma [..., d_sae]``, ``weights [d_sae] | [batch, d_sae]`` -> ``[..., d_sae]``.
+    """
+    mask = sae.activate(gamma * _rowwise(weights, gamma)) != 0
+    return torch.relu(gamma) * mask
+
+
+def edit_weight(sae: SAE, gamma: Tensor, weights: Tensor) -> Tensor:
+    """``σ(γ ⊙ w)``: the weighted pre-activations themselves. Same shapes as :func:`edit_swap`."""
+    return sae.activate(gamma * _rowwise(weights, gamma))
+
+
+def contamination(acts: Tensor, scores: Tensor) -> Tensor:
+    """Per token ``Σ_i a_i (1 − s_i) / Σ_i a_i``, in float32: ``acts [..., d_sae] -> [...]``.
+
+    0 = every active latent is fully aligned, 1 = none is. Tokens with no active latent get 0
+    (not NaN); count them with ``(acts != 0).sum(-1) == 0``.
+    """
+    a = acts.float()
+    s = _rowwise(scores, acts).float()
+    total = a.sum(dim=-1)
+    off_topic = (a * (1 - s)).sum(dim=-1)
+    return torch.where(total != 0, off_topic / torch.where(total != 0, total, 1), 0)
+
+
+def _decoded_change(sae: SAE, x: Tensor, a_edit: Tensor, a: Tensor) -> Tensor:
+    """``dec(a') − dec(a)`` as ``(a' − a) · W_dec``: exactly zero wherever ``a' == a``.
+
+    Subtracting two full decodes would leave float rounding even when nothing changed.
+    Layer-norm SAEs rescale their decode by the input's ``std`` (the mean cancels).
+    """
+    delta = (a_edit - a) @ sae.W_dec
+    if sae.cfg.normalize_input == "layer_norm":
+        _, _, std = sae._standardise(x.to(sae.dtype))
+        delta = delta * std
+    return delta
+
+
+def apply_edit(
+    sae: SAE,
+    x: Tensor,
+    steering: Steering,
+    scores: Tensor,
+    max_act: Tensor | None = None,
+) -> EditOutput:
+    """Edit the latents of ``x [..., d_in]`` as ``steering`` says; see the module docstring.
+
+    ``scores [d_sae] | [batch, d_sae]`` in [0, 1] (1 = aligned); ``max_act [d_sae]`` is needed by clamp.
+    The SAE maths runs in the SAE's dtype; ``out`` comes back in x's dtype. In ``error`` mode x is
+    never rounded to the SAE's dtype: only the change is, so an unedited token is returned bit for bit.
+    """
+    if sae.W_enc.device != x.device:
+        raise SaealignError(
+            f"the SAE is on {sae.W_enc.device} but the activations are on {x.device}: move it with .to()"
+        )
+    with torch.no_grad():
+        # contamination reads the scores at full precision; the edits use them in the SAE's dtype
+        exact_scores = scores.to(x.device)
+        scores = exact_scores.to(sae.dtype)
+        gamma = sae.pre(x)
+        a = sae.activate(gamma)
+        if steering.method in ("none", "sae"):
+            a_edit = a
+        elif steering.method == "clamp":
+            if max_act is None:
+                raise SaealignError(
+                    "clamp needs max_act (each latent's max activation over the reference set)"
+                )
+            a_edit = edit_clamp(
+                sae, gamma, scores, max_act.to(x.device), steering.clamp_n, steering.clamp_multiplier
+            )
+        elif steering.method == "swap":
+            a_edit = edit_swap(sae, gamma, steering.weights(scores))
+        else:
+            a_edit = edit_weight(sae, gamma, steering.weights(scores))
+
+        if steering.method == "none":
+            out = x
+        elif steering.mode == "replace":
+            out = sae.decode(a_edit, x).to(x.dtype)
+        else:
+            out = x + _decoded_change(sae, x, a_edit, a).to(x.dtype)
+        return EditOutput(
+            out=out,
+            acts_edited=a_edit,
+            acts_plain=a,
+            contamination=contamination(a_edit, exact_scores),
+            n_changed=(a_edit != a).sum(dim=-1),
+            n_active=(a_edit != 0).sum(dim=-1),
+        )
+
+
+# -- the hook ----------------------------------------------------------------------------------
+def _with_hidden(output: object, hidden: Tensor) -> object:
+    """``output`` with its hidden states replaced, in the same structure (Tensor or tuple)."""
+    if isinstance(output, Tensor):
+        return hidden
+    if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+        return (hidden, *output[1:])
+    raise SaealignError(
+        f"the hooked block returned {type(output).__name__}: expected a Tensor or a tuple starting with one"
+    )
+
+
+class SteeringHook:
+    """A forward hook that edits a block's output and records per-token contamination.
+
+    Every call records ``[batch, seq]`` tensors, so a generation with a KV cache records the prompt
+    positions on its first call and one position per later call (the last generated token is never
+    fed back, so a run of N new tokens records prompt + N − 1 positions). Padding positions are
+    edited and recorded like any other: the hook cannot see the attention mask, so slice with it,
+    or set :attr:`keep`.
+    """
+
+    def __init__(
+        self,
+        sae: SAE,
+        steering: Steering,
+        scores: Tensor,
+        max_act: Tensor | None = None,
+        record: bool = True,
+    ) -> None:
+        if scores.dim() not in (1, 2) or scores.shape[-1] != sae.d_sae:
+            raise SaealignError(
+                f"scores of shape {tuple(scores.shape)} do not fit an SAE of {sae.d_sae} latents: "
+                "pass [d_sae] or [batch, d_sae]"
+            )
+        if scores.numel() and not (scores.min() >= 0 and scores.max() <= 1):
+            raise SaealignError("scores must lie in [0, 1] (1 = aligned): pass the scores M1 produced")
+        if steering.method == "clamp" and max_act is None:
+            raise SaealignError("clamp needs max_act (each latent's max activation over the reference set)")
+        self.sae = sae
+        self.steering = steering
+        self.scores = scores
+        self.max_act = max_act
+        self.record = record
+        self.contamination: list[Tensor] = []
+        """One ``[batch, seq]`` float32 tensor per forward call."""
+        self.n_changed: list[Tensor] = []
+        """One ``[batch, seq]`` int64 tensor per forward call."""
+        self.n_active: list[Tensor] = []
+        """One ``[batch, seq]`` int64 tensor per forward call (0 = contamination defined as 0)."""
+        self.keep: Tensor | None = None
+        """bool ``[batch, seq]`` of the next forward call, or None: positions passed through unedited,
+        recorded with contamination, n_changed and n_active 0. Set it before the call, clear it after.
+        Generation keeps each sequence's first real position (the SAE never saw it in training or
+        indexing: its residual norm is 10-100x the others, so a reconstruction wrecks the text) and
+        the padding."""
+
+    def __call__(self, module: nn.Module, args: object, output: object) -> object | None:
+        if self.steering.method == "none" and not self.record:
+            return None  # nothing to change and nothing to measure: skip the SAE entirely
+        hidden = output if isinstance(output, Tensor) else output[0]  # type: ignore[index]
+        res = apply_edit(self.sae, hidden, self.steering, self.scores, self.max_act)
+        out, contam, n_changed, n_active = res.out, res.contamination, res.n_changed, res.n_active
+        if self.keep is not None:
+            keep = self.keep.to(hidden.device)
+            if keep.shape != hidden.shape[:-1]:
+                raise SaealignError(
+                    f"keep has shape {tuple(keep.shape)} but the block output is {tuple(hidden.shape[:-1])} "
+                    "tokens: set keep for this forward call only, then clear it"
+                )
+            out = torch.where(keep.unsqueeze(-1), hidden, out)
+            contam = contam.masked_fill(keep, 0)
+            n_changed = n_changed.masked_fill(keep, 0)
+            n_active = n_active.masked_fill(keep, 0)
+        if self.record:
+            self.contamination.append(contam)
+            self.n_changed.append(n_changed)
+            self.n_active.append(n_active)
+        if self.steering.method == "none":
+            return None
+        return _with_hidden(output, out)
+
+    def register(self, module: nn.Module) -> RemovableHandle:
+        """Attach to ``module`` (a decoder block); remove with the returned handle.
+
+        Prepended, so hooks already on the block (HF's ``output_hidden_states`` capture, other
+        tools' probes) see the steered output, as if the block itself had computed it.
+        """
+        return module.register_forward_hook(self, prepend=True)
+
+    def clear(self) -> None:
+        """Forget what was recorded (e.g. between generations)."""
+        self.contamination.clear()
+        self.n_changed.clear()
+        self.n_active.clear()
+
+    @staticmethod
+    def _cat(parts: list[Tensor]) -> Tensor:
+        if not parts:
+            raise SaealignError("nothing recorded: run the model inside the steer() block with record=True")
+        if len({p.shape[0] for p in parts}) > 1:
+            raise SaealignError("recorded calls have different batch sizes: clear() between runs")
+        return torch.cat(parts, dim=1)
+
+    def contamination_per_token(self) -> Tensor:
+        """``[batch, positions]`` every recorded position, in order (padding included)."""
+        return self._cat(self.contamination)
+
+    def n_changed_per_token(self) -> Tensor:
+        """``[batch, positions]`` latents changed per recorded position."""
+        return self._cat(self.n_changed)
+
+    def n_active_per_token(self) -> Tensor:
+        """``[batch, positions]`` active latents of a' per recorded position."""
+        return self._cat(self.n_active)
+
+
+@contextlib.contextmanager
+def steer(
+    model: nn.Module,
+    layer_module: nn.Module,
+    sae: SAE,
+    steering: Steering,
+    scores: Tensor,
+    max_act: Tensor | None = None,
+    record: bool = True,
+) -> Iterator[SteeringHook]:
+    """Steer ``model`` at ``layer_module`` (see :func:`saealign.models.layer_module`) inside the block.
+
+    ``with steer(model, layer_module(model, 6), sae, Steering("swap"), scores) as hook: model.generate(...)``
+    The hook is removed when the block ends, also on an exception; the model's modules are never
+    replaced or changed. The edit runs without autograd.
+    """
+    if not any(m is layer_module for m in model.modules()):
+        raise SaealignError("layer_module is not a module of this model: pass layer_module(model, L)")
+    hook = SteeringHook(sae, steering, scores, max_act, record)
+    handle = hook.register(layer_module)
+    try:
+        yield hook
+    finally:
+        handle.remove()

@@ -1,0 +1,334 @@
+"""Train TopK SAEs on a model's residual stream (Gao et al. 2024, as in EleutherAI's sparsify).
+
+Recipe: unit-norm decoder rows (gradient parallel to them removed before each step), encoder
+initialised as the decoder's transpose, ``b_dec`` initialised at the mean of the first activation
+buffer, FVU loss plus AuxK loss (the dead latents' top ``d_in/2`` pre-activations reconstruct the
+residual error, weight 1/32), Adam with linear warm-up and a linear decay over the last 20 % of steps.
+
+Activations stream from a partial forward (bf16) that stops at the deepest requested layer, so one
+pass feeds SAEs for several layers. The first position and special tokens are left out: the first
+position's norm is 10-100x the rest and would dominate the loss. A checkpoint is written after each
+activation buffer (SAE + optimiser + counters), so a killed run resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saealign.cache import atomic_dir, atomic_write_json
+from saealign.errors import SaealignError
+from saealign.models import LoadedModel, content_mask, residuals_at_layers, special_token_ids
+from saealign.sae import SAE, SAEConfig
+from saealign.sae_eval import SAEQuality, evaluate_sae
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train TopK SAEs (one per layer) on a model's residual stream."""
+
+    layers: tuple[int, ...] = (6,)
+    """Blocks whose output each SAE reads."""
+    expansion: int = 8
+    """d_sae = expansion x d_model."""
+    k: int = 32
+    """Active latents per token."""
+    tokens: int = 2_000_000
+    """Training tokens (after leaving out first positions and special tokens)."""
+    batch_tokens: int = 4096
+    """Tokens per optimiser step."""
+    buffer_tokens: int = 65_536
+    """Activations shuffled together before being cut into batches (a checkpoint after each)."""
+    max_seq_len: int = 128
+    """Texts are truncated to this many tokens."""
+    text_batch: int = 32
+    """Texts per forward pass."""
+    lr: float | None = None
+    """Adam learning rate; None = 2e-4 / sqrt(d_sae / 2**14), the scaling law of Gao et al."""
+    warmup_steps: int = 50
+    """Linear warm-up steps."""
+    decay_fraction: float = 0.2
+    """Final fraction of steps with linear decay to zero."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss."""
+    dead_tokens: int = 250_000
+    """A latent that has not fired for this many tokens counts as dead (AuxK revives it)."""
+    seed: int = 0
+    """Seed for text order, buffer shuffles and initialisation."""
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise SaealignError("give at least one layer to train an SAE for")
+        if self.tokens < self.batch_tokens:
+            raise SaealignError(f"--tokens ({self.tokens}) must be at least one batch ({self.batch_tokens})")
+        if self.k <= 0 or self.expansion <= 0:
+            raise SaealignError("k and expansion must be positive")
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_tokens
+
+
+def activation_stream(
+    lm: LoadedModel, texts: list[str], cfg: TrainConfig, start_text: int = 0
+) -> Iterator[tuple[dict[int, Tensor], int]]:
+    """Yield ``({layer: [n_tokens, d_model] float32}, texts_consumed)`` in chunks of ~``buffer_tokens``.
+
+    Texts are read in order from ``start_text``; within a chunk, forwards are batched by length to
+    avoid padding waste. Chunks end on text boundaries, so ``texts_consumed`` is an exact resume point.
+    """
+    tok = lm.tokenizer
+    special = special_token_ids(tok)
+    layers = list(cfg.layers)
+    i = start_text
+    while i < len(texts):
+        parts: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+        n_tok = 0
+        while i < len(texts) and n_tok < cfg.buffer_tokens:
+            # Group the next texts by length: a few hundred at a time, sorted, cut into forward batches.
+            group = texts[i : i + cfg.text_batch * 8]
+            enc = [tok(t, truncation=True, max_length=cfg.max_seq_len)["input_ids"] for t in group]  # type: ignore[operator]
+            order = sorted(range(len(enc)), key=lambda j: len(enc[j]))
+            for b in range(0, len(order), cfg.text_batch):
+                rows = [enc[j] for j in order[b : b + cfg.text_batch]]
+                width = max(len(r) for r in rows)
+                ids = torch.full((len(rows), width), int(tok.pad_token_id))  # type: ignore[attr-defined]
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for r, row in enumerate(rows):
+                    ids[r, : len(row)] = torch.tensor(row)
+                    mask[r, : len(row)] = 1
+                keep = content_mask(ids, mask, special)
+                acts = residuals_at_layers(lm.model, layers, ids, mask)
+                for layer in layers:
+                    parts[layer].append(acts[layer][keep].float())
+                n_tok += int(keep.sum())
+            i += len(group)
+        yield {layer: torch.cat(parts[layer]) for layer in layers}, i
+
+
+class TopKTrainer:
+    """One TopK SAE being trained (fp32 master weights)."""
+
+    def __init__(self, d_in: int, cfg: TrainConfig, layer: int, model_name: str, generator: torch.Generator) -> None:
+        d_sae = d_in * cfg.expansion
+        self.cfg = cfg
+        self.layer = layer
+        sae_cfg = SAEConfig(
+            d_in=d_in, d_sae=d_sae, activation="topk", k=cfg.k, apply_b_dec_to_input=True,
+            model_name=model_name, hook_layer=layer,
+        )
+        w_dec = torch.randn(d_sae, d_in, generator=generator)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.sae = SAE(sae_cfg, W_enc=w_dec.T.contiguous(), W_dec=w_dec)
+        self.sae.requires_grad_(True)
+        self.lr = cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10)
+        self.step = 0
+        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long)
+        self.initialised = False
+        self.last: dict[str, float] = {}
+
+    def _lr_at(self, step: int) -> float:
+        total = self.cfg.steps
+        if step < self.cfg.warmup_steps:
+            return self.lr * (step + 1) / self.cfg.warmup_steps
+        decay_start = int(total * (1 - self.cfg.decay_fraction))
+        if step >= decay_start:
+            return self.lr * max(0.0, (total - step) / max(1, total - decay_start))
+        return self.lr
+
+    def train_batch(self, x: Tensor) -> None:
+        """One optimiser step on ``x [batch_tokens, d_in]`` (fp32)."""
+        sae = self.sae
+        if not self.initialised:
+            with torch.no_grad():
+                sae.b_dec.copy_(x.mean(dim=0))
+            self.initialised = True
+        for group in self.opt.param_groups:
+            group["lr"] = self._lr_at(self.step)
+        pre = sae.pre(x)
+        top = pre.topk(sae.cfg.k or 1, dim=-1)
+        vals = torch.relu(top.values)
+        # Sparse decode: gather the k decoder rows per token instead of a dense [batch, d_sae] matmul.
+        recon = torch.einsum("bk,bkd->bd", vals, sae.W_dec[top.indices]) + sae.b_dec
+        err = x - recon
+        total_var = (x - x.mean(dim=0)).pow(2).sum()
+        fvu = err.pow(2).sum() / total_var
+
+        fired = torch.zeros(sae.d_sae, dtype=torch.bool)
+        fired[top.indices[vals > 0].unique()] = True
+        self.tokens_since_fired += x.shape[0]
+        self.tokens_since_fired[fired] = 0
+        dead = self.tokens_since_fired >= self.cfg.dead_tokens
+        auxk = torch.zeros(())
+        n_dead = int(dead.sum())
+        if n_dead > 0:
+            k_aux = min(sae.d_in // 2, n_dead)
+            dead_pre = pre.masked_fill(~dead, float("-inf"))
+            aux_top = dead_pre.topk(k_aux, dim=-1)
+            aux_recon = torch.einsum("bk,bkd->bd", torch.relu(aux_top.values), sae.W_dec[aux_top.indices])
+            e = err.detach()
+            auxk = (e - aux_recon).pow(2).sum() / (e - e.mean(dim=0)).pow(2).sum()
+            auxk = torch.nan_to_num(auxk, nan=0.0)
+        loss = fvu + self.cfg.auxk_alpha * auxk
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            # Keep decoder rows unit-norm: drop the gradient component that would change their norm.
+            w, g = sae.W_dec, sae.W_dec.grad
+            assert g is not None
+            g -= (g * w).sum(dim=1, keepdim=True) * w
+        self.opt.step()
+        with torch.no_grad():
+            sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.step += 1
+        self.last = {"fvu": fvu.item(), "auxk": auxk.item(), "dead": n_dead / sae.d_sae}
+
+    # -- checkpointing --------------------------------------------------------------------------
+    def state(self) -> dict[str, object]:
+        return {
+            "sae": {k: v.detach().clone() for k, v in self.sae.state_dict().items()},
+            "opt": self.opt.state_dict(),
+            "step": self.step,
+            "tokens_since_fired": self.tokens_since_fired.clone(),
+            "initialised": self.initialised,
+        }
+
+    def load_state(self, state: dict[str, object]) -> None:
+        self.sae.load_state_dict(state["sae"])  # type: ignore[arg-type]
+        self.opt.load_state_dict(state["opt"])  # type: ignore[arg-type]
+        self.step = int(state["step"])  # type: ignore[call-overload]
+        self.tokens_since_fired = state["tokens_since_fired"]  # type: ignore[assignment]
+        self.initialised = bool(state["initialised"])
+
+
+def _save_checkpoint(folder: Path, trainers: list[TopKTrainer], texts_consumed: int, tokens_seen: int,
+                     cfg: TrainConfig, rng_state: Tensor) -> None:
+    with atomic_dir(folder) as tmp:
+        torch.save(
+            {
+                "trainers": {t.layer: t.state() for t in trainers},
+                "texts_consumed": texts_consumed,
+                "tokens_seen": tokens_seen,
+                "config": asdict(cfg),
+                "rng": rng_state,
+            },
+            tmp / "checkpoint.pt",
+        )
+
+
+def train_saes(
+    lm: LoadedModel,
+    texts: list[str],
+    cfg: TrainConfig,
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+) -> tuple[dict[int, SAE], dict[str, float]]:
+    """Train one TopK SAE per layer of ``cfg.layers`` on ``texts``; returns ({layer: SAE}, run facts).
+
+    ``texts`` are used in a seeded random order until ``cfg.tokens`` tokens are seen (cycling if the
+    corpus is smaller). With ``checkpoint_dir``, a run with the same config resumes from its last buffer.
+    """
+    if not texts:
+        raise SaealignError("the training corpus is empty: give texts to train the SAE on")
+    d_in = lm.d_model
+    gen = torch.Generator().manual_seed(cfg.seed)
+    trainers = [TopKTrainer(d_in, cfg, layer, lm.name, gen) for layer in cfg.layers]
+    order = list(range(len(texts)))
+    random.Random(cfg.seed).shuffle(order)
+    # Enough passes over the corpus to reach the token budget (rarely more than one).
+    epochs = max(1, math.ceil(cfg.tokens / max(1, 8 * len(texts))))
+    ordered = [texts[j] for _ in range(epochs) for j in order]
+
+    start_text, tokens_seen = 0, 0
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    ckpt_file = checkpoint_dir / "checkpoint.pt" if checkpoint_dir else None
+    if ckpt_file is not None and ckpt_file.exists():
+        state = torch.load(ckpt_file, weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise SaealignError(
+                f"checkpoint {ckpt_file} was made with another training config: delete it or pass the same options"
+            )
+        for t in trainers:
+            t.load_state(state["trainers"][t.layer])
+        start_text, tokens_seen = state["texts_consumed"], state["tokens_seen"]
+        shuffle_gen.set_state(state["rng"])
+
+    started = time.perf_counter()
+    bar = tqdm(total=cfg.steps * cfg.batch_tokens, initial=tokens_seen, unit="tok", unit_scale=True,
+               desc=f"train SAE L{','.join(map(str, cfg.layers))}", disable=not progress)
+    done = trainers[0].step >= cfg.steps
+    stream = activation_stream(lm, ordered, cfg, start_text) if not done else iter(())
+    for chunk, consumed in stream:
+        perm = torch.randperm(next(iter(chunk.values())).shape[0], generator=shuffle_gen)
+        n_batches = len(perm) // cfg.batch_tokens
+        for b in range(n_batches):
+            idx = perm[b * cfg.batch_tokens : (b + 1) * cfg.batch_tokens]
+            for t in trainers:
+                t.train_batch(chunk[t.layer][idx])
+            tokens_seen += cfg.batch_tokens
+            bar.update(cfg.batch_tokens)
+            bar.set_postfix({f"fvu{t.layer}": f"{t.last['fvu']:.3f}" for t in trainers})
+            if trainers[0].step >= cfg.steps:
+                break
+        if checkpoint_dir is not None:
+            _save_checkpoint(checkpoint_dir, trainers, consumed, tokens_seen, cfg, shuffle_gen.get_state())
+        if trainers[0].step >= cfg.steps:
+            break
+    bar.close()
+    if trainers[0].step < cfg.steps:
+        raise SaealignError(f"the corpus ran out after {tokens_seen} tokens: give more texts or lower --tokens")
+    seconds = time.perf_counter() - started
+    saes = {}
+    for t in trainers:
+        t.sae.requires_grad_(False)
+        saes[t.layer] = t.sae
+    facts = {"train_seconds": seconds, "tokens_seen": float(tokens_seen), "steps": float(cfg.steps)}
+    return saes, facts
+
+
+def train_and_save(
+    lm: LoadedModel,
+    train_texts: list[str],
+    eval_texts: list[str],
+    cfg: TrainConfig,
+    out_dir: Path,
+    recipe: dict[str, object],
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+    save_dtype: torch.dtype = torch.bfloat16,
+) -> dict[int, SAEQuality]:
+    """Train, evaluate on held-out texts and save each SAE to ``out_dir/layer_L`` (SAELens layout).
+
+    The saved ``cfg.json`` records the recipe (corpus, tokens, seed, steps) and the held-out figures.
+    """
+    saes, facts = train_saes(lm, train_texts, cfg, checkpoint_dir, progress)
+    qualities: dict[int, SAEQuality] = {}
+    for layer, sae in saes.items():
+        stored = SAE(sae.cfg, **{k: v.to(save_dtype) for k, v in sae.state_for_saving().items()})
+        quality = evaluate_sae(lm, stored, layer, eval_texts, max_seq_len=cfg.max_seq_len, progress=progress)
+        qualities[layer] = quality
+        meta = {
+            "recipe": {**recipe, **asdict(cfg), "layers": list(cfg.layers), "lr_used": lr_of(sae, cfg)},
+            "training": facts,
+            "held_out": asdict(quality),
+        }
+        final = SAE(
+            SAEConfig(**{**asdict(sae.cfg), "metadata": meta}),
+            **{k: v.to(save_dtype) for k, v in sae.state_for_saving().items()},
+        )
+        final.save(out_dir / f"layer_{layer}")
+    atomic_write_json(out_dir / "training.json", {"facts": facts, "held_out": {str(k): asdict(v) for k, v in qualities.items()}})
+    return qualities
+
+
+def lr_of(sae: SAE, cfg: TrainConfig) -> float:
+    return cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(sae.d_sae / 2**14)

@@ -1,0 +1,99 @@
+"""Shared fixtures: an offline word-level tokenizer, a tiny random Llama and SAE, the real default LM.
+
+Nothing here downloads: the tokenizer is built from a fixed word list, the models from configs.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from saealign.models import LoadedModel
+from saealign.sae import SAE, SAEConfig
+
+D_MODEL = 64
+WORDS = (
+    "the a of and to in is was it on for with as at by from this that cat dog bird fish tree house river "
+    "sky sun moon star rain snow wind red blue green big small old new fast slow runs sat sings swims "
+    "grows falls shines over under near far water light dark warm cold"
+).split()
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
+
+
+def make_tokenizer(with_pad: bool = True):  # noqa: ANN201 - a transformers tokenizer
+    """Word-level tokenizer over ``WORDS``; prepends ``<s>`` like Llama tokenizers do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate((*SPECIALS, *WORDS))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
+    extra = {"pad_token": "<pad>"} if with_pad else {}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", **extra)
+
+
+def make_llama(seed: int = 0, n_layers: int = 2, intermediate: int = 128) -> nn.Module:
+    """A random LlamaForCausalLM with d_model 64 over the tiny vocabulary (eval mode, no grad)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(SPECIALS) + len(WORDS),
+        hidden_size=D_MODEL,
+        intermediate_size=intermediate,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        initializer_range=0.1,  # larger than the 0.02 default, so the residual stream is not near zero
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def make_texts(n: int, seed: int = 0, min_words: int = 10, max_words: int = 20) -> list[str]:
+    """``n`` random sentences over ``WORDS`` (every word is in the vocabulary: no ``<unk>``)."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))) for _ in range(n)]
+
+
+def make_sae(d_in: int = D_MODEL, expansion: int = 4, k: int = 8, seed: int = 1) -> SAE:
+    """A random TopK SAE with unit-norm decoder rows."""
+    g = torch.Generator().manual_seed(seed)
+    d_sae = d_in * expansion
+    w_dec = torch.randn(d_sae, d_in, generator=g)
+    w_dec /= w_dec.norm(dim=1, keepdim=True)
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, activation="topk", k=k, hook_layer=0)
+    return SAE(cfg, W_enc=w_dec.T, b_enc=torch.randn(d_sae, generator=g) * 0.1, W_dec=w_dec,
+               b_dec=torch.randn(d_in, generator=g) * 0.1).requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm() -> LoadedModel:
+    """A 2-block random Llama (d_model 64, float32) with the word-level tokenizer."""
+    return LoadedModel(model=make_llama(), tokenizer=make_tokenizer(), name="tiny-llama", key="tiny", load_seconds=0.0)
+
+
+@pytest.fixture
+def tiny_sae() -> SAE:
+    """A random TopK SAE 64 -> 256, k 8, for layer 0 of ``tiny_lm``."""
+    return make_sae()
+
+
+@pytest.fixture(scope="session")
+def real_lm() -> LoadedModel:
+    """The embedded default LM, loaded through the user's own cache so later runs reuse the conversion."""
+    from saealign.models import load_model
+
+    return load_model("default")
