@@ -16,10 +16,12 @@ from saealign.sae import SAE, SAEConfig
 
 D_MODEL = 64
 WORDS = (
-    "the a of and to in is was it on for with as at by from this that cat dog bird fish tree house river "
-    "sky sun moon star rain snow wind red blue green big small old new fast slow runs sat sings swims "
-    "grows falls shines over under near far water light dark warm cold"
-).split()
+    "the", "a", "of", "and", "to", "in", "is", "was", "it", "on", "for", "with", "as", "at", "by", "from",
+    "this", "that", "cat", "dog", "bird", "fish", "tree", "house", "river", "sky", "sun", "moon", "star",
+    "rain", "snow", "wind", "red", "blue", "green", "big", "small", "old", "new", "fast", "slow", "runs",
+    "sat", "sings", "swims", "grows", "falls", "shines", "over", "under", "near", "far", "water", "light",
+    "dark", "warm", "cold",
+)  # fmt: skip
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
 

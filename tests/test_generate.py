@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import EOS_ID, PAD_ID, make_llama, make_sae, make_texts, make_tokenizer
 
+from conftest import EOS_ID, PAD_ID, make_llama, make_sae, make_texts, make_tokenizer
 from saealign.corpus import Corpus
-from saealign.decoding import Sampling, decode_steps, row_generator
+from saealign.decoding import Sampling, decode_steps, row_generator, sample_next
 from saealign.embed import HashingEmbedder
 from saealign.errors import SaealignError
 from saealign.generate import Aligner, Generation
@@ -126,20 +126,33 @@ def test_sampling_is_seeded_per_prompt(aligner: Aligner, sae: SAE) -> None:
     assert ids_of(aligner.generate(PROMPTS, topic, greedy=True, seed=8, max_new_tokens=N_NEW)) == ids_of(greedy)
 
 
+def test_rows_stop_at_eos_independently(sae: SAE) -> None:
+    model = make_llama()  # a private copy: its generation config is changed below
+    aligner = Aligner(LoadedModel(model, make_tokenizer(), "tiny", "tiny", 0.0), sae, 0)
+    topic = topic_scores(sae, 8)
+    base = aligner.generate(PROMPTS, topic, method="none", greedy=True, max_new_tokens=N_NEW)
+    assert all(g.finish_reason == "length" for g in base)
+    stop = base[0].token_ids[2]
+    model.generation_config.eos_token_id = stop  # chat models end on their own end-of-turn token
+    gens = aligner.generate(PROMPTS, topic, method="none", greedy=True, max_new_tokens=N_NEW)
+    assert gens[0].finish_reason == "eos" and gens[0].token_ids[-1] == stop and len(gens[0].token_ids) <= 3
+    assert any(g.finish_reason == "length" for g in gens)
+    for before, after in zip(base, gens, strict=True):
+        cut = before.token_ids.index(stop) + 1 if stop in before.token_ids else N_NEW
+        assert after.token_ids == before.token_ids[:cut]  # finished rows do not disturb the others
+        assert after.token_contamination == before.token_contamination[:cut]  # type: ignore[index]
+
+
 def test_sampling_draws_only_from_the_top_k() -> None:
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.0, -1.0]]).repeat(200, 1)
     gens = [row_generator(0, str(i)) for i in range(200)]
-    drawn = Sampling(top_k=2).__class__(top_k=2)
-    picks = decode_sample(logits, drawn, gens)
-    assert set(picks.tolist()) == {1, 3}
-    assert decode_sample(logits, Sampling(top_k=1), gens).tolist() == [1] * 200
-    assert decode_sample(logits, Sampling(greedy=True), gens).tolist() == [1] * 200
-
-
-def decode_sample(logits: torch.Tensor, sampling: Sampling, gens: list[torch.Generator]) -> torch.Tensor:
-    from saealign.decoding import sample_next
-
-    return sample_next(logits, sampling, gens, list(range(logits.shape[0])))
+    rows = list(range(200))
+    assert set(sample_next(logits, Sampling(top_k=2), gens, rows).tolist()) == {1, 3}
+    assert sample_next(logits, Sampling(top_k=1), gens, rows).tolist() == [1] * 200
+    assert sample_next(logits, Sampling(greedy=True), gens, rows).tolist() == [1] * 200
+    # a cold temperature puts (almost) all the mass on the best token: exp(-1 / 0.05) = 2e-9
+    cold = sample_next(logits, Sampling(top_k=2, temperature=0.05), gens, rows)
+    assert cold.tolist() == [1] * 200
 
 
 # -- streaming and the prompt pass --------------------------------------------------------------
@@ -221,7 +234,7 @@ def test_bad_input_raises_one_clear_error(aligner: Aligner, lm: LoadedModel, sae
         ({"prompts": ["a dog", " \n"]}, "prompt 1 is empty"),
         ({"prompts": ""}, "prompt 0 is empty"),
         ({"prompts": []}, "no prompts"),
-        ({"prompts": "a dog", "max_new_tokens": 127}, "2 tokens and max_new_tokens is 127.*context of 128"),
+        ({"prompts": "a dog", "max_new_tokens": 126}, "3 tokens and max_new_tokens is 126.*context of 128"),
         ({"prompts": "a dog", "max_new_tokens": 0}, "max_new_tokens"),
         ({"prompts": "a dog", "top_k": 0}, "top_k"),
         ({"prompts": "a dog", "temperature": 0.0}, "temperature"),
@@ -239,7 +252,7 @@ def test_bad_input_raises_one_clear_error(aligner: Aligner, lm: LoadedModel, sae
         with pytest.raises(SaealignError, match=message):
             aligner.generate(**kwargs)
     # greedy needs no temperature; the longest prompt that fits the context is accepted
-    assert len(aligner.generate("a dog", topic, temperature=0.0, greedy=True, max_new_tokens=126)[0].token_ids) >= 1
+    assert len(aligner.generate("a dog", topic, temperature=0.0, greedy=True, max_new_tokens=125)[0].token_ids) >= 1
     with pytest.raises(SaealignError, match="hidden size"):
         Aligner(lm, SAE(SAEConfig(d_in=32, d_sae=64, activation="relu")), 0)
     with pytest.raises(SaealignError, match="out of range"):
@@ -251,5 +264,5 @@ def test_chat_template_wraps_the_prompt(lm: LoadedModel, sae: SAE) -> None:
     tok.chat_template = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}{% if add_generation_prompt %} <s>{% endif %}"
     chat = Aligner(LoadedModel(lm.model, tok, "tiny-chat", "tiny", 0.0), sae, 0)
     wrapped = chat.generate("a dog", method="none", greedy=True, max_new_tokens=4, chat=True)[0]
-    manual = chat.generate("<s> a dog </s> <s>", method="none", greedy=True, max_new_tokens=4)[0]
+    manual = chat.generate("a dog </s> <s>", method="none", greedy=True, max_new_tokens=4)[0]  # + the BOS
     assert wrapped.token_ids == manual.token_ids and wrapped.prompt == "a dog"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import D_MODEL, make_llama, make_texts, make_tokenizer
 
+from conftest import D_MODEL, make_llama, make_texts, make_tokenizer
 from saealign import train
 from saealign.cli import main
 from saealign.errors import SaealignError
@@ -74,9 +74,8 @@ def test_train_config_rejects_bad_values(changes: dict, message: str):
 def test_train_config_steps_and_default_lr():
     assert CFG.steps == 8
     assert TrainConfig(tokens=10_000, batch_tokens=4096).steps == 2
-    sae = SAE(SAEConfig(d_in=4, d_sae=2**16, k=1))
-    assert train.lr_of(sae, TrainConfig(lr=None)) == pytest.approx(1e-4)  # 2e-4 / sqrt(4)
-    assert train.lr_of(sae, TrainConfig(lr=3e-3)) == 3e-3
+    assert train.lr_for(2**16, TrainConfig(lr=None)) == pytest.approx(1e-4)  # 2e-4 / sqrt(4)
+    assert train.lr_for(2**16, TrainConfig(lr=3e-3)) == 3e-3
 
 
 # -- training -----------------------------------------------------------------------------------------
@@ -87,7 +86,6 @@ def test_train_saes_recipe_invariants(trained):
     for layer, sae in saes.items():
         assert (sae.d_in, sae.d_sae, sae.cfg.k, sae.cfg.hook_layer) == (D_MODEL, 4 * D_MODEL, 4, layer)
         assert sae.cfg.activation == "topk" and sae.cfg.apply_b_dec_to_input
-        assert not any(p.requires_grad for p in sae.parameters())
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae))
         assert sae.b_dec.abs().sum() > 0  # initialised at the mean of the first buffer
         per_step = [f for lay, f in fvus if lay == layer]
@@ -95,24 +93,25 @@ def test_train_saes_recipe_invariants(trained):
         assert per_step[-1] < 0.9 * per_step[0]
 
 
-def test_train_saes_initialises_b_dec_at_the_first_batch_mean(tiny_lm: LoadedModel, monkeypatch):
-    seen: list[torch.Tensor] = []
+def test_first_step_starts_from_the_recipe_init(tiny_lm: LoadedModel, monkeypatch):
     original = train.TopKTrainer.train_batch
+    checked: list[int] = []
 
-    def first_only(self: train.TopKTrainer, x: torch.Tensor) -> None:
-        seen.append(x.mean(dim=0))
-        with torch.no_grad():
-            b_enc, w_enc = self.sae.b_enc.clone(), self.sae.W_enc.clone()
+    def check_first_step(self: train.TopKTrainer, x: torch.Tensor) -> None:
+        sae = self.to_sae()
+        # Encoder = decoder transpose, unit-norm decoder rows, zero encoder bias, before any step.
+        assert torch.equal(sae.W_enc, sae.W_dec.T) and torch.equal(sae.b_enc, torch.zeros(sae.d_sae))
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae))
         original(self, x)
-        # Encoder starts as the decoder's transpose, before the first Adam step moved both.
-        assert torch.equal(b_enc, torch.zeros_like(b_enc))
-        assert w_enc.shape == (D_MODEL, 4 * D_MODEL)
+        # b_dec = mean of the first batch (lr 1e-12: the Adam step itself moves nothing visibly).
+        torch.testing.assert_close(self.to_sae().b_dec.detach(), x.mean(dim=0), rtol=0, atol=1e-6)
+        checked.append(self.layer)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.TopKTrainer, "train_batch", first_only)
+    monkeypatch.setattr(train.TopKTrainer, "train_batch", check_first_step)
     with pytest.raises(KeyboardInterrupt):
-        train_saes(tiny_lm, TEXTS, replace(CFG, lr=1e-12, layers=(0,)), progress=False)
-    assert len(seen) == 1
+        train_saes(tiny_lm, TEXTS, replace(CFG, lr=1e-12, layers=(1,)), progress=False)
+    assert checked == [1]
 
 
 def test_train_saes_is_deterministic(tiny_lm: LoadedModel, trained):
@@ -200,7 +199,7 @@ def test_activation_stream_rows_are_the_residual_stream(tiny_lm: LoadedModel):
 
 
 def test_activation_stream_chunks_end_on_text_boundaries(tiny_lm: LoadedModel):
-    cfg = replace(CFG, buffer_tokens=100, text_batch=2)  # groups of 16 texts, one group a chunk
+    cfg = replace(CFG, buffer_tokens=100, batch_tokens=64, text_batch=2)  # groups of 16 texts, one group a chunk
     chunks = list(activation_stream(tiny_lm, TEXTS, cfg))
     assert [c for _, c in chunks] == [16, 32, 48, 60]
     resumed = list(activation_stream(tiny_lm, TEXTS, cfg, start_text=32))
@@ -249,8 +248,13 @@ def test_evaluate_sae_of_a_zero_sae(tiny_lm: LoadedModel):
     texts = make_texts(4, seed=4)
     q = evaluate_sae(tiny_lm, sae, 1, texts, progress=False)
     assert q.l0 == 0 and q.dead_fraction == 1
-    assert q.explained_variance < 0  # reconstructing 0 is worse than predicting the mean
-    assert q.ce_increase > 0
+    # Reconstructing 0: EV = 1 - sum |x|^2 / sum |x - mean|^2 over the content tokens.
+    x = torch.cat([
+        residuals_at(tiny_lm.model, 1, tiny_lm.tokenizer(t, return_tensors="pt")["input_ids"])[0, 1:] for t in texts
+    ])
+    assert q.tokens == x.shape[0]
+    expected = 1 - x.pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
+    assert q.explained_variance == pytest.approx(float(expected), rel=1e-4)
 
 
 # -- train_and_save and the CLI ----------------------------------------------------------------------------

@@ -8,16 +8,18 @@ Written by hand rather than through ``model.generate`` so that
   read never leaves a hook on the model;
 - the prompt pass can tell the hook which positions to leave unedited (padding and each row's
   first position, :attr:`SteeringHook.keep`), and each step hands back the contamination of the
-  position that predicted the new token.
+  position that predicted the new token;
+- text comes back a piece per token (:class:`Detokenizer`), ready to stream.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +53,7 @@ class Sampling:
 class Step(NamedTuple):
     """What one decoding step produced for every row of the batch (``[batch]`` tensors)."""
 
-    index: int
+    step: int
     """0-based position of these tokens among the generated ones."""
     token_ids: Tensor
     """int64 new token per row; the pad id for rows finished before this step."""
@@ -63,6 +65,28 @@ class Step(NamedTuple):
     """float32 contamination of the position that predicted the token; None when nothing is recorded."""
     n_changed: Tensor | None
     """int64 latents changed at that position; None when nothing is recorded."""
+
+
+class Detokenizer:
+    """Turns one row's growing token ids into text pieces that concatenate to the decoded text."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int, last: bool) -> str:
+        """The text ``token_id`` adds; ``last`` flushes what an incomplete character held back."""
+        self.ids.append(token_id)
+        # Decoding the whole row each time (not the token alone) keeps word-initial spaces and
+        # multi-byte characters split over tokens intact.
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not last:
+            return ""  # an incomplete multi-byte character: wait for its other bytes
+        common = len(os.path.commonprefix([text, self.emitted]))
+        piece = text[common:]  # common < len(emitted) only where the tokenizer rewrote earlier text
+        self.emitted = text
+        return piece
 
 
 def row_generator(seed: int, text: str) -> torch.Generator:

@@ -21,14 +21,14 @@ identical samples: pass one seed per prompt (``seed=[0, 1, 2]``) for several sam
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from saealign.decoding import Sampling, decode_steps, row_generator
+from saealign.decoding import Detokenizer, Sampling, decode_steps, row_generator
+from saealign.embed import TextEmbedder
 from saealign.errors import SaealignError
 from saealign.index import ReferenceIndex
 from saealign.models import LoadedModel, layer_module
@@ -71,7 +71,8 @@ class Generation:
         return asdict(self)
 
 
-class TokenEvent(NamedTuple):
+@dataclass(frozen=True)
+class TokenEvent:
     """One token as :meth:`Aligner.stream` produces it."""
 
     text: str
@@ -82,36 +83,13 @@ class TokenEvent(NamedTuple):
     """0-based position among the generated tokens."""
 
 
-class _Detokenizer:
-    """Turns one row's growing token ids into text pieces that concatenate to the decoded text."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = ""
-
-    def push(self, token_id: int, last: bool) -> str:
-        self.ids.append(token_id)
-        # Decoding the whole row each time (not the token alone) keeps word-initial spaces and
-        # multi-byte characters split over tokens intact.
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not last:
-            return ""  # an incomplete multi-byte character: wait for its other bytes
-        common = len(os.path.commonprefix([text, self.emitted]))
-        piece = text[common:]  # common < len(emitted) only where the tokenizer rewrote earlier text
-        self.emitted = text
-        return piece
-
-
 @dataclass(frozen=True)
 class _Plan:
     """Everything one generation call needs, resolved and checked."""
 
-    prompts: list[str]
     rows: list[list[int]]
     generators: list[torch.Generator]
     seeds: list[int]
-    steering: Steering
     topic_index: list[int | None]
     hook: SteeringHook | None
 
@@ -125,7 +103,7 @@ class Aligner:
         sae: SAE,
         layer: int,
         index: ReferenceIndex | None = None,
-        embedder: Any = None,
+        embedder: TextEmbedder | None = None,
     ) -> None:
         from saealign.sae_loaders import check_sae_fits
 
@@ -254,7 +232,7 @@ class Aligner:
         eos = self._eos_ids()
         pad = getattr(tok, "pad_token_id", None)
         pad = pad if pad is not None else (min(eos) if eos else 0)
-        detok = [_Detokenizer(tok) for _ in plan.rows]
+        detok = [Detokenizer(tok) for _ in plan.rows]
         steps = decode_steps(self.lm.model, plan.rows, sampling, plan.generators, pad, eos, plan.hook, self.block)
         for step in steps:
             for row in step.active.nonzero().flatten().tolist():
@@ -263,7 +241,7 @@ class Aligner:
                 c = None if step.contamination is None else float(step.contamination[row])
                 n_changed = 0 if step.n_changed is None else int(step.n_changed[row])
                 reason = ("eos" if token in eos else "length") if last else None
-                yield row, TokenEvent(detok[row].push(token, last), token, c, step.index), n_changed, reason
+                yield row, TokenEvent(detok[row].push(token, last), token, c, step.step), n_changed, reason
 
     def _eos_ids(self) -> set[int]:
         """The tokenizer's end-of-sequence id and the model's generation-config ones (chat models add theirs)."""
@@ -312,7 +290,7 @@ class Aligner:
         elif steering.method == "sae":  # nothing to measure without a topic, but the SAE still edits
             hook = SteeringHook(self.sae, steering, torch.zeros(self.sae.d_sae, device=device), record=False)
         generators = [row_generator(s, t) for s, t in zip(seeds, texts, strict=True)]
-        return _Plan(prompts, list(rows), generators, seeds, steering, per_row, hook)
+        return _Plan(list(rows), generators, seeds, per_row, hook)
 
     def _encode(self, i: int, prompt: str, chat: bool, max_new_tokens: int) -> tuple[str, list[int]]:
         """``(text fed to the tokenizer, its token ids)`` of prompt ``i``, checked against the context length."""
@@ -328,7 +306,7 @@ class Aligner:
             text, ids = prompt, list(tok(prompt)["input_ids"])
         if not ids:
             raise SaealignError(f"prompt {i} encodes to no tokens: give some text to continue")
-        config = self.lm.model.config
+        config: Any = self.lm.model.config
         limit = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
                         "max_position_embeddings", None)
         if limit is not None and len(ids) + max_new_tokens > limit:

@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -51,8 +52,9 @@ def default_dtype() -> torch.dtype:
 class LoadedModel:
     """A causal LM with its tokenizer and the facts other parts need."""
 
-    model: nn.Module
-    tokenizer: object
+    model: Any
+    """A transformers ``PreTrainedModel`` (typed loosely: transformers' own hints are incomplete)."""
+    tokenizer: Any
     name: str
     """What the user asked for (``default``, a path, a hub id)."""
     key: str
@@ -98,7 +100,7 @@ def gemma3_gguf_path() -> Path:
     return target
 
 
-def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[nn.Module, object]:
+def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     # dequantize=True: dense weights, so the SAE hook and training see ordinary tensors.
@@ -125,14 +127,14 @@ def _converted_copy(gguf: Path, dtype: torch.dtype, label: str) -> Path:
     return folder
 
 
-def _load_folder_or_hub(spec: str, dtype: torch.dtype) -> tuple[nn.Module, object]:
+def _load_folder_or_hub(spec: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     is_local = Path(spec).exists()
     try:
         tok = AutoTokenizer.from_pretrained(spec, local_files_only=is_local)
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=is_local)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         where = "folder" if is_local else "hub id"
         raise SaealignError(
             f"cannot load model {spec!r} ({where}): {str(e).splitlines()[0]} -- pass a local folder, a .gguf file, "
@@ -175,15 +177,22 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | None = None) -> L
 
 
 def _folder_key(folder: Path) -> str:
-    """Hash of a model folder's weight files (names, sizes, first MiB) — cheap and content-sensitive."""
+    """Hash of a model folder's weight files: names, sizes and 1 MiB samples spread over each file.
+
+    Sampling (17 evenly spaced chunks, the last one at the end) keeps loads of multi-GB models fast
+    while any fine-tune, which changes every tensor, changes the key.
+    """
     import hashlib
 
     h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + sorted(folder.glob("config.json")):
-        h.update(f.name.encode())
-        h.update(str(f.stat().st_size).encode())
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + sorted(folder.glob("config.json"))
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
         with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
+            for i in range(17):
+                fh.seek(max(0, (size - (1 << 20)) * i // 16))
+                h.update(fh.read(1 << 20))
     return h.hexdigest()[:16]
 
 

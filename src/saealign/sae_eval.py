@@ -7,6 +7,7 @@ variance and inflate EV, so the second figure says how well ordinary tokens are 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -58,9 +59,14 @@ class _Splice:
         return new if isinstance(out, Tensor) else (new, *out[1:])  # type: ignore[index]
 
 
+def _capture_into(store: list[Tensor], _mod: nn.Module, _inp: object, out: object) -> None:
+    store.append(hidden_from_output(out))
+
+
 def _ce(logits: Tensor, ids: Tensor, mask: Tensor) -> tuple[float, int]:
     """Summed next-token cross-entropy over positions whose *target* is a real token."""
-    target_ok = mask[:, 1:].bool()
+    # A target counts when it and the position predicting it are real tokens (left padding safe).
+    target_ok = mask[:, 1:].bool() & mask[:, :-1].bool()
     lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     nll = -lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return float(nll[target_ok].sum()), int(target_ok.sum())
@@ -89,7 +95,7 @@ def evaluate_sae(
         ids, mask = enc["input_ids"], enc["attention_mask"]
         keep = content_mask(ids, mask, special)
         captured: list[Tensor] = []
-        handle = module.register_forward_hook(lambda _m, _i, o: captured.append(hidden_from_output(o)))
+        handle = module.register_forward_hook(functools.partial(_capture_into, captured))
         try:
             logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         finally:

@@ -174,7 +174,7 @@ def saelens_config(cfg: dict[str, Any], source: str) -> SAEConfig:
         return SAEConfig(
             d_in=int(cfg["d_in"]),
             d_sae=int(cfg["d_sae"]),
-            activation=activation,
+            activation=activation,  # type: ignore[arg-type]  # validated by SAEConfig
             k=int(k) if activation == "topk" and k is not None else None,
             apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
             normalize_input="layer_norm" if norm == "layer_norm" else "none",
@@ -275,7 +275,7 @@ def load_openai_checkpoint(path: str | Path, dtype: torch.dtype | None = None, d
     cfg = SAEConfig(
         d_in=d_in,
         d_sae=d_sae,
-        activation=activation,
+        activation=activation,  # type: ignore[arg-type]  # validated by SAEConfig
         k=k,
         apply_b_dec_to_input=True,
         normalize_input="layer_norm" if normalize else "none",
