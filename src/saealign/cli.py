@@ -238,3 +238,89 @@ def score_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path | No
         click.echo(f"note: {scores.note}")
     if output is not None:
         click.echo(f"saved scores to {output}")
+
+
+METHODS = ("none", "sae", "clamp", "swap", "weight")
+MODES = ("error", "replace")
+
+
+@main.command("generate")
+@stack_options
+@click.argument("prompts", nargs=-1)
+@click.option("--topic-file", "topic_files", multiple=True, help="topic texts, one a line (txt or jsonl); repeatable")
+@click.option("--topic", "topic_texts", multiple=True, help="a topic text; repeatable")
+@click.option("--scores", "scores_path", type=click.Path(path_type=Path), default=None, help="a TopicScores folder (saealign score -o)")
+@click.option("--method", type=click.Choice(METHODS), default="swap", show_default=True)
+@click.option("--mode", type=click.Choice(MODES), default="error", show_default=True,
+              help="error: keep the SAE's reconstruction error; replace: layer output = SAE decode (the paper)")
+@click.option("--strength", default=1.0, show_default=True, help="Swap/Weight use scores**strength (1 = the paper)")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--top-k", default=5, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--greedy", is_flag=True, help="argmax decoding instead of top-k sampling")
+@click.option("--chat/--no-chat", default=False, show_default=True, help="wrap prompts in the model's chat template")
+@click.option("--prompts-file", type=click.Path(path_type=Path), default=None, help="prompts, one a line")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object a line instead of a side-by-side view")
+@friendly
+def generate_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path | None, corpus_spec: str | None,
+                 max_prompts: int, prompts: tuple[str, ...], topic_files: tuple[str, ...], topic_texts: tuple[str, ...],
+                 scores_path: Path | None, method: str, mode: str, strength: float, max_new_tokens: int, top_k: int,
+                 temperature: float, seed: int, greedy: bool, chat: bool, prompts_file: Path | None,
+                 as_json: bool) -> None:
+    """Generate continuations steered toward a topic (M2), with per-token contamination.
+
+    Example: saealign generate --topic-file src/saealign/data/topics/medical.txt "My heart is broken, so I should"
+    """
+    from saealign.corpus import read_topic
+    from saealign.generate import Aligner
+    from saealign.scoring import TopicScores
+
+    prompt_list = list(prompts) + (read_topic([prompts_file]) if prompts_file else [])
+    if not prompt_list:
+        raise SaealignError("give at least one prompt (arguments or --prompts-file)")
+    if max_new_tokens < 1:
+        raise SaealignError("--max-new-tokens must be at least 1")
+    lm, sae, layer_used, index, embedder = _stack(model, sae_spec, layer, index_dir, corpus_spec, max_prompts)
+    aligner = Aligner(lm, sae, layer_used, index, embedder)
+    topic = None
+    if scores_path is not None:
+        topic = TopicScores.load(scores_path)
+    elif topic_files or topic_texts:
+        topic = aligner.topic(_read_topic_texts(topic_files, topic_texts))
+    elif method != "none":
+        raise SaealignError(f"--method {method} needs a topic: --topic-file, --topic or --scores")
+    options = dict(topic=topic, mode=mode, strength=strength, max_new_tokens=max_new_tokens, top_k=top_k,
+                   temperature=temperature, seed=seed, greedy=greedy, chat=chat)
+    steered = aligner.generate(prompt_list, method=method, **options)  # type: ignore[arg-type]
+    if as_json:
+        for g in steered:
+            click.echo(json.dumps({"prompt": g.prompt, "method": g.method, "mode": g.mode, "strength": g.strength,
+                                   "text": g.text, "contamination": g.contamination,
+                                   "token_contamination": g.token_contamination}))
+        return
+    from rich.console import Console
+
+    from saealign.demo import side_by_side
+
+    plain = steered if method == "none" else aligner.generate(prompt_list, method="none", **options)  # type: ignore[arg-type]
+    Console().print(side_by_side(plain, steered, f"layer {layer_used}: unsteered vs {method} ({mode})"))
+
+
+@main.command("demo")
+@click.option("--layer", type=int, default=None, help="which shipped SAE to steer with (default: 15)")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@friendly
+def demo_cmd(layer: int | None, max_new_tokens: int, seed: int) -> None:
+    """The main job: a medical topic steers the paper's 12 metaphor prompts (unsteered vs Swap).
+
+    Example: saealign demo
+    """
+    from saealign.demo import run_demo
+
+    run_demo(layer=layer, max_new_tokens=max_new_tokens, seed=seed)
+
+
+# The eval group lives in its own module; importing it registers its commands on ``main``.
+from saealign import cli_eval  # noqa: E402,F401

@@ -1,0 +1,147 @@
+"""``saealign eval ...``: the paper's experiments, each writing Markdown + CSV/JSON (+ PNG) to ``--out``."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from saealign.cli import friendly, main, parse_layers
+from saealign.errors import SaealignError
+
+if TYPE_CHECKING:
+    from saealign.generate import Aligner
+
+
+def _data_dir(data: Path | None) -> Path:
+    from saealign.defaults import shared_data_dir
+
+    found = data or shared_data_dir()
+    if found is None or not found.is_dir():
+        raise SaealignError("the evaluation needs the shared data folder: pass --data DIR (holding reference/ and topics/)")
+    return found
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    if not path.exists():
+        raise SaealignError(f"{path} not found: pass --data pointing at the shared data folder")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def topic_split(texts: list[str], n_topic: int, n_heldout: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Disjoint random samples: ``n_topic`` texts to score the topic, ``n_heldout`` to measure distance."""
+    if len(texts) < n_topic + n_heldout:
+        raise SaealignError(f"the topic file has {len(texts)} texts; {n_topic} + {n_heldout} are needed for disjoint splits")
+    picked = random.Random(seed).sample(texts, n_topic + n_heldout)
+    return picked[:n_topic], picked[n_topic:]
+
+
+def _aligner_for(layer: int) -> Aligner:
+    from saealign.defaults import load_stack
+    from saealign.generate import Aligner
+
+    return Aligner(*load_stack(layer=layer))
+
+
+@main.group("eval")
+def eval_group() -> None:
+    """Reproduce the paper's experiments on the embedded defaults (or any model/SAE)."""
+
+
+@eval_group.command("topic-signal")
+@click.option("--layers", default="6,15", show_default=True)
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="shared data folder (default ../shared/data)")
+@click.option("--max-prompts", default=20_000, show_default=True, help="MMLU prompts in the index (stratified)")
+@click.option("--n-topic", default=50, show_default=True, help="MedQuAD texts forming the topic")
+@click.option("--top", default=20, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/topic_signal"), show_default=True)
+@friendly
+def topic_signal_cmd(layers: str, data: Path | None, max_prompts: int, n_topic: int, top: int, out: Path) -> None:
+    """Top latents of a MedQuAD topic vs MMLU's medical subjects (activation-mass ratio to the base rate).
+
+    Example: saealign eval topic-signal --layers 6,15
+    """
+    import time
+
+    from saealign.defaults import load_stack
+    from saealign.evaluate.report import markdown_table, write_rows
+    from saealign.evaluate.topic_signal import medical_mass_ratio
+
+    root = _data_dir(data)
+    topic, _ = topic_split(_jsonl_texts(root / "topics" / "medical_medquad.jsonl.gz"), n_topic, 0)
+    rows = []
+    for layer in parse_layers(layers):
+        _lm, _sae, _layer, index, embedder = load_stack(layer=layer, corpus_spec=str(root / "reference" / "mmlu.jsonl.gz"),
+                                                        max_prompts=max_prompts)
+        start = time.perf_counter()
+        scores = index.score(topic, embedder)
+        seconds = time.perf_counter() - start
+        row = {"layer": layer, **medical_mass_ratio(index, scores, top), "score_seconds": seconds,
+               "top_latents": scores.top(top)}
+        rows.append(row)
+        click.echo(f"layer {layer}: top-{top} latents put {row['top_share']:.3f} of their mass on medical subjects "
+                   f"vs base {row['base_share']:.3f} -> ratio {row['ratio']:.2f}")
+    write_rows(out, "topic_signal", rows)
+    table = markdown_table(rows, ["layer", "prompts", "medical_prompts", "top_share", "base_share", "ratio", "score_seconds"])
+    (out / "topic_signal.md").write_text("# Topic signal: MedQuAD topic vs MMLU medical subjects\n\n" + table)
+    click.echo(f"wrote {out}/topic_signal.md")
+
+
+@eval_group.command("generation")
+@click.option("--layers", default="6,15", show_default=True)
+@click.option("--methods", default="none,sae,clamp,swap,weight", show_default=True)
+@click.option("--modes", default="error,replace", show_default=True)
+@click.option("--seeds", default="0,1,2", show_default=True)
+@click.option("--strengths", default="1", show_default=True, help="Swap/Weight strengths (score exponents)")
+@click.option("--judge", default="gemma3-270m", show_default=True, help="judge LM for perplexity")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="shared data folder (default ../shared/data)")
+@click.option("--n-topic", default=50, show_default=True, help="MedQuAD texts forming the topic")
+@click.option("--n-heldout", default=200, show_default=True, help="other MedQuAD texts to measure distance against")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/generation"), show_default=True)
+@friendly
+def generation_cmd(layers: str, methods: str, modes: str, seeds: str, strengths: str, judge: str, data: Path | None,
+                   n_topic: int, n_heldout: int, max_new_tokens: int, out: Path) -> None:
+    """Table 2: the medical-metaphor prompts under each method, mode and layer (distance, judge ppl, contamination).
+
+    Example: saealign eval generation --layers 15 --modes error --seeds 0
+    """
+    from saealign.corpus import read_topic
+    from saealign.defaults import load_stack
+    from saealign.embed import Embedder
+    from saealign.evaluate.generation import GenerationSetup, evaluate_generations
+    from saealign.evaluate.report import markdown_table, scatter_plot, write_rows
+    from saealign.models import load_model
+
+    root = _data_dir(data)
+    prompts = read_topic([root / "topics" / "medical_metaphors.txt"])
+    topic, heldout = topic_split(_jsonl_texts(root / "topics" / "medical_medquad.jsonl.gz"), n_topic, n_heldout)
+    try:
+        judge_lm = load_model(judge)
+    except SaealignError as e:
+        raise SaealignError(f"cannot load the judge model {judge!r} ({e}): pass --judge with a loadable model") from None
+    setup = GenerationSetup(
+        methods=tuple(methods.split(",")), modes=tuple(modes.split(",")),
+        seeds=tuple(int(s) for s in seeds.split(",")), strengths=tuple(float(s) for s in strengths.split(",")),
+        max_new_tokens=max_new_tokens,
+    )
+    aligners = {layer: functools.partial(_aligner_for, layer) for layer in parse_layers(layers)}
+    rows, reference = evaluate_generations(aligners, prompts, topic, heldout, judge_lm, Embedder.default(), setup)
+    write_rows(out, "generation", rows, {"reference": reference, "setup": setup.__dict__})
+    cols = ["layer", "method", "mode", "strength", "distance", "ppl", "contamination", "distinct2", "changed"]
+    md = (f"# Generated text: {len(prompts)} medical-metaphor prompts, {max_new_tokens} tokens, top-k 5, "
+          f"seeds {seeds}\n\nDistance: mean min MiniLM distance to {n_heldout} held-out MedQuAD texts "
+          f"(real medical text: {reference['real_topic_text_distance']:.3f}). Perplexity under {judge}.\n\n"
+          + markdown_table(rows, cols))
+    (out / "generation.md").write_text(md)
+    for r in rows:
+        r["label"] = f"L{r['layer']} {r['method']}/{r['mode']}" + (f" x{r['strength']:g}" if r["strength"] != 1 else "")
+    scatter_plot(out / "generation.png", rows, "ppl", "distance", "label", "topic distance vs judge perplexity",
+                 hline=reference["real_topic_text_distance"], hline_label="real medical text")
+    click.echo(md)

@@ -1,0 +1,72 @@
+"""Writing results people read: Markdown tables, CSV, JSON and PNG plots side by side."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from saealign.cache import atomic_write_bytes
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], digits: int = 3) -> str:
+    """A GitHub Markdown table of ``columns``; ``x`` with ``x_std`` beside it prints as ``x ± std``."""
+
+    def cell(row: dict[str, Any], col: str) -> str:
+        v = row.get(col, "")
+        if isinstance(v, float):
+            if math.isnan(v):
+                return "nan"
+            text = f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.3g}"
+            std = row.get(f"{col}_std")
+            return f"{text} ± {std:.{digits}f}" if isinstance(std, float) and std > 0 else text
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_rows(out: Path, name: str, rows: Sequence[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
+    """``name.json`` (rows + extra) and ``name.csv`` (rows) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / f"{name}.json", (json.dumps({"rows": list(rows), **(extra or {})}, indent=2) + "\n").encode())
+    if rows:
+        buf = io.StringIO()
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(out / f"{name}.csv", buf.getvalue().encode())
+
+
+def scatter_plot(path: Path, rows: Sequence[dict[str, Any]], x: str, y: str, label: str, title: str,
+                 hline: float | None = None, hline_label: str = "") -> bool:
+    """A labelled scatter (with error bars from ``x_std``/``y_std``) as PNG; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for r in rows:
+        ax.errorbar(r[x], r[y], xerr=r.get(f"{x}_std", 0), yerr=r.get(f"{y}_std", 0), fmt="o", capsize=3)
+        ax.annotate(str(r[label]), (r[x], r[y]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    if hline is not None:
+        ax.axhline(hline, linestyle="--", color="grey")
+        ax.annotate(hline_label, (ax.get_xlim()[0], hline), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
