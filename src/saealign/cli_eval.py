@@ -113,7 +113,6 @@ def generation_cmd(layers: str, methods: str, modes: str, seeds: str, strengths:
     Example: saealign eval generation --layers 15 --modes error --seeds 0
     """
     from saealign.corpus import read_topic
-    from saealign.defaults import load_stack
     from saealign.embed import Embedder
     from saealign.evaluate.generation import GenerationSetup, evaluate_generations
     from saealign.evaluate.report import markdown_table, scatter_plot, write_rows
