@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def evaluate_generations(
-    aligners: dict[int, Callable[[], Aligner]],
+    aligners: Mapping[int, Callable[[], Aligner]],
     prompts: list[str],
     topic_texts: list[str],
     heldout_texts: list[str],
