@@ -1,73 +1,98 @@
-"""Time M1 scoring of one topic against a synthetic reference index (100k prompts x 4608 latents).
+"""Time M1 scoring of a 20-text topic against a 100k-prompt reference index.
 
-Run: ``python bench/bench_scoring.py [--prompts 100000] [--latents 4608] [--nnz 200] [--runs 20]``.
-Prints the one-off preparation time, the median per-topic time (latent_g + scores_from_g) next to
-the 0.5 s target, and the peak resident memory of the process.
+Run: ``python bench/bench_scoring.py [--prompts 100000] [--nnz 200] [--runs 10]``.
+
+The index is synthetic in its numbers (random sparse summaries with ~200 latents a prompt, as
+the default SAE gives, and random unit embeddings) but goes through the real code path:
+``ReferenceIndex.score`` embeds the 20 topic texts with the real MiniLM, computes distances to
+every prompt, g and the scores. Baseline in the same process: the same g computed from a dense
+``[prompts, latents]`` matrix (what a naive implementation does), on a 10k-prompt slice.
+Prints the median per-topic time next to the 0.5 s target and the paper's 62 s, and peak memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
-import sys
+import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
-from saealign.scoring import latent_g, prepare_summary, scores_from_g
+from saealign.embed import Embedder
+from saealign.index import FORMAT, VERSION, IndexConfig, ReferenceIndex
 
 TARGET_S = 0.5
+PAPER_S = 62.0
+TOPIC = [f"The patient with condition {i} was treated with medication and monitored for side effects." for i in range(20)]
 
 
-def synthetic_summary(n_prompts: int, n_latents: int, nnz: int, seed: int = 0) -> sp.csr_matrix:
-    """``[P, L]`` float32 CSR, ``nnz`` distinct latents per row, rows summing to 1 (like the index)."""
+def synthetic_index(n_prompts: int, n_latents: int, nnz: int, dim: int = 384, seed: int = 0) -> ReferenceIndex:
     rng = np.random.default_rng(seed)
-    # Distinct latents per row: a random offset plus a fixed stride pattern, sorted.
     offsets = rng.integers(0, n_latents, size=(n_prompts, 1))
     cols = np.sort((offsets + np.arange(nnz) * (n_latents // nnz)) % n_latents, axis=1).astype(np.int32)
-    data = rng.random((n_prompts, nnz), dtype=np.float32)
-    data /= data.sum(axis=1, keepdims=True)
+    data = rng.random((n_prompts, nnz), dtype=np.float32) * 5
     indptr = np.arange(n_prompts + 1, dtype=np.int64) * nnz
-    return sp.csr_matrix((data.ravel(), cols.ravel(), indptr), shape=(n_prompts, n_latents))
+    act_sum = sp.csr_matrix((data.ravel(), cols.ravel(), indptr), shape=(n_prompts, n_latents))
+    emb = rng.standard_normal((n_prompts, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    manifest = {"format": FORMAT, "version": VERSION, "keys": {"model": "m", "sae": "s", "layer": 0, "corpus": "c",
+                "embedder": "e"}, "config": IndexConfig(layer=0).__dict__, "n_prompts": n_prompts, "d_sae": n_latents}
+    return ReferenceIndex(Path("synthetic"), manifest, act_sum, act_sum.data.copy(), np.ones_like(act_sum.data),
+                          np.full(n_prompts, 20, dtype=np.int32), emb.astype(np.float16),
+                          [""] * n_prompts, ["x"] * n_prompts)
+
+
+def dense_g(dense: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    return (dense * distances[:, None]).sum(axis=0) / np.maximum(dense.sum(axis=0), 1e-30)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=100_000)
     parser.add_argument("--latents", type=int, default=4608)
-    parser.add_argument("--nnz", type=int, default=200, help="non-zeros per prompt")
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--nnz", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()
 
-    summary = synthetic_summary(args.prompts, args.latents, args.nnz)
     t0 = time.perf_counter()
-    prepared = prepare_summary(summary)
-    prep_s = time.perf_counter() - t0
-
-    rng = np.random.default_rng(1)
+    index = synthetic_index(args.prompts, args.latents, args.nnz)
+    embedder = Embedder.default()
+    index.score(TOPIC, embedder)  # warm-up: builds the prepared summary once, as a loaded index does
+    setup_s = time.perf_counter() - t0
     times = []
     for _ in range(args.runs):
-        d = rng.random(args.prompts) * 1.5  # a new topic each run
-        t0 = time.perf_counter()
-        g, _, n_prompts = latent_g(prepared, d)
-        scores_from_g(g, n_prompts, min_prompts=20)
-        times.append(time.perf_counter() - t0)
+        start = time.perf_counter()
+        index.score(TOPIC, embedder)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
 
-    t0 = time.perf_counter()
-    g_raw, _, n_raw = latent_g(summary, d)
-    scores_from_g(g_raw, n_raw, min_prompts=20)
-    raw_s = time.perf_counter() - t0
+    # Baseline in the same process: dense g over a 10k-prompt slice, scaled to the full size.
+    n_slice = min(10_000, args.prompts)
+    summary = index.prepared().transposed.T[:n_slice].toarray()
+    d = np.random.default_rng(2).random(n_slice).astype(np.float32)
+    start = time.perf_counter()
+    dense_g(summary, d)
+    dense_s = (time.perf_counter() - start) * args.prompts / n_slice
+    start = time.perf_counter()
+    from saealign.scoring import latent_g, prepare_summary
 
-    median = float(np.median(times))
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    print(f"index: {args.prompts} prompts x {args.latents} latents, {summary.nnz:,} non-zeros (float32)")
-    print(f"prepare_summary (once per index): {prep_s:.3f} s")
-    print(f"per topic, prepared: median {median:.4f} s over {args.runs} runs (target < {TARGET_S} s)")
-    print(f"per topic, unprepared summary: {raw_s:.3f} s")
-    print(f"peak RSS: {peak_mib:.0f} MiB")
-    return 0 if median < TARGET_S else 1
+    latent_g(prepare_summary(sp.csr_matrix(summary)), d)
+    sparse_slice_s = time.perf_counter() - start
+
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"index: {args.prompts} prompts x {args.latents} latents, {index.act_sum.nnz} non-zeros (set-up {setup_s:.1f} s)")
+    print(f"score a {len(TOPIC)}-text topic (embed + distances + g + scores): median {median:.3f} s over {args.runs} runs "
+          f"(min {min(times):.3f}, max {max(times):.3f})")
+    print(f"target {TARGET_S} s: ratio target/measured = {TARGET_S / median:.1f}x; paper: {PAPER_S} s per topic "
+          f"({PAPER_S / median:.0f}x slower)")
+    print(f"baseline (dense g, same process): {dense_s:.3f} s for {args.prompts} prompts (extrapolated from "
+          f"{n_slice}); sparse g on the same slice {sparse_slice_s:.4f} s")
+    print(f"peak RSS {peak_mib:.0f} MiB")
+    return 0 if median <= TARGET_S else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

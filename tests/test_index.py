@@ -201,7 +201,12 @@ def test_load_checks_keys_and_files(lm: LoadedModel, sae: SAE, tmp_path: Path) -
         ReferenceIndex.load(folder)
 
 
-@pytest.mark.xfail(strict=True, reason="ReferenceIndex.load lets zipfile.BadZipFile escape (not OSError/ValueError)")
+def test_other_inputs_message_names_each_difference_once(lm: LoadedModel, sae: SAE, built: ReferenceIndex) -> None:
+    with pytest.raises(SaealignError, match="other inputs") as caught:
+        build(lm, sae, two_label_corpus(), built.folder, IndexConfig(layer=1, shard_size=8, batch_size=3))
+    assert str(caught.value).count("layer 0 != 1") == 1
+
+
 def test_truncated_shard_is_reported_as_corrupt(lm: LoadedModel, sae: SAE, tmp_path: Path) -> None:
     folder = tmp_path / "idx"
     build(lm, sae, two_label_corpus().subset(range(12)), folder)
@@ -230,7 +235,7 @@ def disjoint_corpus() -> tuple[Corpus, list[str]]:
         words = WORDS_A if i % 2 == 0 else WORDS_B
         texts.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 10))))
         labels.append("A" if i % 2 == 0 else "B")
-    return Corpus(texts, labels, ["test"] * 40, name="disjoint"), [t for t, lab in zip(texts, labels) if lab == "A"]
+    return Corpus(texts, labels, ["test"] * 40, name="disjoint"), texts[0::2]
 
 
 def test_own_texts_of_one_label_rank_its_latents_first(lm: LoadedModel, sae: SAE, tmp_path: Path) -> None:
@@ -262,8 +267,24 @@ def test_score_errors(built: ReferenceIndex) -> None:
         built.score(["the cat"], emb, summary="median")
     with pytest.raises(SaealignError, match="unknown"):
         built.score(["the cat"], emb, metric="manhattan")
-    with pytest.raises(SaealignError, match="cannot be compared"):
+    with pytest.raises(SaealignError, match="embedded with"):
         built.score(["the cat"], HashingEmbedder(dim=32))  # the index was embedded with another width
+
+
+class OtherEmbedder(HashingEmbedder):
+    """Same width as the index's embedder, different vectors: its distances to the index mean nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fingerprint = "another-embedder"
+
+    def embed(self, texts, batch_size=64, progress=False):  # noqa: ANN001, ANN201
+        return super().embed([t[::-1] for t in texts])
+
+
+def test_score_refuses_another_embedder(built: ReferenceIndex) -> None:
+    with pytest.raises(SaealignError, match="embedder"):
+        built.score(["the cat"], OtherEmbedder(), min_prompts=1)
 
 
 def test_kendall_tau_between_summaries(built: ReferenceIndex) -> None:

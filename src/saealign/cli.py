@@ -261,13 +261,14 @@ MODES = ("error", "replace")
 @click.option("--greedy", is_flag=True, help="argmax decoding instead of top-k sampling")
 @click.option("--chat/--no-chat", default=False, show_default=True, help="wrap prompts in the model's chat template")
 @click.option("--prompts-file", type=click.Path(path_type=Path), default=None, help="prompts, one a line")
+@click.option("--min-prompts", default=20, show_default=True, help="latents firing on fewer reference prompts are unscored")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object a line instead of a side-by-side view")
 @friendly
 def generate_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path | None, corpus_spec: str | None,
                  max_prompts: int, prompts: tuple[str, ...], topic_files: tuple[str, ...], topic_texts: tuple[str, ...],
                  scores_path: Path | None, method: str, mode: str, strength: float, max_new_tokens: int, top_k: int,
                  temperature: float, seed: int, greedy: bool, chat: bool, prompts_file: Path | None,
-                 as_json: bool) -> None:
+                 min_prompts: int, as_json: bool) -> None:
     """Generate continuations steered toward a topic (M2), with per-token contamination.
 
     Example: saealign generate --topic-file src/saealign/data/topics/medical.txt "My heart is broken, so I should"
@@ -287,7 +288,7 @@ def generate_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path |
     if scores_path is not None:
         topic = TopicScores.load(scores_path)
     elif topic_files or topic_texts:
-        topic = aligner.topic(_read_topic_texts(topic_files, topic_texts))
+        topic = aligner.topic(_read_topic_texts(topic_files, topic_texts), min_prompts=min_prompts)
     elif method != "none":
         raise SaealignError(f"--method {method} needs a topic: --topic-file, --topic or --scores")
     options = dict(topic=topic, mode=mode, strength=strength, max_new_tokens=max_new_tokens, top_k=top_k,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from saealign.cache import atomic_write_bytes, atomic_write_json, cache_dir, has
 from saealign.corpus import Corpus
 from saealign.embed import TextEmbedder, min_distances
 from saealign.errors import SaealignError
-from saealign.models import LoadedModel, content_mask, residuals_at, special_token_ids
+from saealign.models import LoadedModel, content_mask, layer_module, residuals_at, special_token_ids
 from saealign.sae import SAE, sae_key
 from saealign.scoring import (
     METRICS,
@@ -159,6 +160,7 @@ def build_index(
     from saealign.sae_loaders import check_sae_fits
 
     check_sae_fits(sae, lm.d_model, f"layer {cfg.layer}")
+    layer_module(lm.model, cfg.layer)  # range check before anything is written
     if len(corpus) == 0:
         raise SaealignError("the reference corpus is empty: give texts to index")
     keys = IndexKeys(model=lm.key, sae=sae_key(sae), layer=cfg.layer, corpus=corpus.fingerprint(),
@@ -187,9 +189,18 @@ def build_index(
         atomic_write_json(manifest_path, manifest)
     (folder / "shards").mkdir(exist_ok=True)
     store = cache_dir("embeddings", hash_json([keys.corpus, keys.embedder, cfg.shard_size]))
+    with tqdm(total=len(corpus), desc=f"index L{cfg.layer}", unit="prompt", disable=not progress) as bar:
+        _build_shards(lm, sae, corpus, embedder, folder, cfg, manifest, store, bar)
+    manifest["complete"] = True
+    atomic_write_json(manifest_path, manifest)
+    return ReferenceIndex.load(folder)
+
+
+def _build_shards(lm: LoadedModel, sae: SAE, corpus: Corpus, embedder: TextEmbedder, folder: Path, cfg: IndexConfig,
+                  manifest: dict[str, Any], store: Path, bar: tqdm) -> None:
+    """Compute every missing shard; each is written atomically, the manifest updated after each."""
     timings = manifest["timings"]
-    bar = tqdm(total=len(corpus), desc=f"index L{cfg.layer}", unit="prompt", disable=not progress)
-    for shard in range(n_shards):
+    for shard in range(manifest["n_shards"]):
         lo, hi = shard * cfg.shard_size, min(len(corpus), (shard + 1) * cfg.shard_size)
         stats_path = folder / "shards" / f"{shard:05d}.npz"
         emb_path = folder / "shards" / f"{shard:05d}.emb.npy"
@@ -212,12 +223,8 @@ def build_index(
                  act_max=act_max, act_count=act_count, n_tokens=n_tokens)
         tmp.replace(stats_path)  # the stats file last: its presence marks the shard done
         manifest["timings"] = timings
-        atomic_write_json(manifest_path, manifest)
+        atomic_write_json(folder / "manifest.json", manifest)
         bar.update(hi - lo)
-    bar.close()
-    manifest["complete"] = True
-    atomic_write_json(manifest_path, manifest)
-    return ReferenceIndex.load(folder)
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
@@ -234,7 +241,8 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     parts = [f"{k} {old['keys'].get(k)} != {v}" for k, v in new["keys"].items() if old.get("keys", {}).get(k) != v]
-    parts += [f"{k} {old['config'].get(k)} != {v}" for k, v in new["config"].items() if old.get("config", {}).get(k) != v]
+    parts += [f"{k} {old['config'].get(k)} != {v}" for k, v in new["config"].items()
+              if k not in new["keys"] and old.get("config", {}).get(k) != v]
     return ", ".join(parts) or "different settings"
 
 
@@ -304,7 +312,7 @@ class ReferenceIndex:
             act_max = np.concatenate([p["act_max"] for p in parts])
             act_count = np.concatenate([p["act_count"] for p in parts])
             n_tokens = np.concatenate([p["n_tokens"] for p in parts])
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise SaealignError(f"index at {folder} is corrupt ({type(e).__name__}: {e}): delete it and rebuild") from None
         n = manifest["n_prompts"]
         if not (act_sum.shape[0] == emb.shape[0] == len(rows) == n):
@@ -341,6 +349,12 @@ class ReferenceIndex:
         texts = [t.strip() for t in texts if t and t.strip()]
         if not texts:
             raise SaealignError("the topic has no texts: give at least one non-empty example text")
+        fingerprint = getattr(embedder, "fingerprint", type(embedder).__name__)
+        if fingerprint != self.keys.embedder:
+            raise SaealignError(
+                f"this index was embedded with {self.keys.embedder}, not {fingerprint}: distances between "
+                "different embedders mean nothing -- score with the index's embedder or rebuild the index"
+            )
         emb = embedder.embed(texts)
         return score_topic(self.prepared(summary), self.distances(emb, metric), min_prompts,
                            topic_texts=texts, summary_kind=summary, metric=metric,

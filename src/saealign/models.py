@@ -129,8 +129,10 @@ def _converted_copy(gguf: Path, dtype: torch.dtype, label: str) -> Path:
 
 def _load_folder_or_hub(spec: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     is_local = Path(spec).exists()
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar for a 2 s load is noise
     try:
         tok = AutoTokenizer.from_pretrained(spec, local_files_only=is_local)
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, local_files_only=is_local)
@@ -140,6 +142,8 @@ def _load_folder_or_hub(spec: str, dtype: torch.dtype) -> tuple[Any, Any]:
             f"cannot load model {spec!r} ({where}): {str(e).splitlines()[0]} -- pass a local folder, a .gguf file, "
             "or `default`"
         ) from e
+    finally:
+        hf_logging.enable_progress_bar()
     return model, tok
 
 
