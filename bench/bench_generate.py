@@ -1,0 +1,65 @@
+"""Steered (Swap) vs plain generation speed on the default model, same process.
+
+Run: ``python bench/bench_generate.py [--layer 15] [--tokens 64] [--repeats 2]``.
+
+Plain = no hook at all; Swap = the SAE hook at the layer (encode, edit, decode, contamination
+recorded) in the default ``error`` mode. 64 new tokens, top-k 5 sampling, batch 1 and 8. The topic
+scores are random (the cost does not depend on their values). Prints tokens/s and the overhead
+ratio (target: steered costs <= 1.10x plain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from saealign.defaults import DEFAULT_LAYER, resolve_sae
+from saealign.generate import Aligner
+from saealign.models import load_model
+from saealign.scoring import TopicScores
+
+PROMPTS = ["My heart is broken so I should", "The best way to spend a weekend is", "In the morning I usually",
+           "The city council decided to", "She opened the letter and", "After the long meeting we",
+           "The old house at the end of the street", "When the rain finally stopped"]
+
+
+def tokens_per_second(aligner: Aligner, batch: int, method: str, topic: TopicScores | None, tokens: int) -> float:
+    start = time.perf_counter()
+    gens = aligner.generate(PROMPTS[:batch], topic=topic, method=method, max_new_tokens=tokens, top_k=5, seed=0)
+    seconds = time.perf_counter() - start
+    return sum(len(g.token_ids) for g in gens) / seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer", type=int, default=DEFAULT_LAYER)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    lm = load_model("default")
+    sae = resolve_sae(f"default:{args.layer}")
+    aligner = Aligner(lm, sae, args.layer)
+    rng = np.random.default_rng(0)
+    d = sae.d_sae
+    topic = TopicScores(scores=rng.random(d).astype(np.float32), g=rng.random(d), n_prompts=np.full(d, 100),
+                        scored=np.ones(d, dtype=bool), topic_texts=["random"])
+    aligner.generate(PROMPTS[:1], method="none", max_new_tokens=4)  # warm-up
+    worst = 0.0
+    for batch in (1, 8):
+        plain, steered = [], []
+        for _ in range(args.repeats):  # interleaved so drifts of the machine hit both alike
+            plain.append(tokens_per_second(aligner, batch, "none", None, args.tokens))
+            steered.append(tokens_per_second(aligner, batch, "swap", topic, args.tokens))
+        p, s = max(plain), max(steered)
+        ratio = p / s
+        worst = max(worst, ratio)
+        print(f"batch {batch}: plain {p:.1f} tok/s, swap {s:.1f} tok/s -> steered costs {ratio:.3f}x plain "
+              f"({(ratio - 1) * 100:+.1f} %)")
+    print(f"layer {args.layer}, {args.tokens} new tokens, dtype {next(lm.model.parameters()).dtype}; target <= 1.10x")
+    return 0 if worst <= 1.10 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
