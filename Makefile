@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saealign-installed
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup demo wordnet test lint typecheck unit bench clean
 
 setup: $(STAMP)
 
@@ -19,8 +19,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: setup
+demo: setup wordnet
 	$(VENV)/bin/saealign demo
+
+# The default reference corpus is WordNet 3.0 (Debian's wordnet-base). Best effort: without root or
+# apt the demo falls back to ../shared/data/reference/wordnet.jsonl.gz, else says what to install.
+wordnet:
+	@[ -d /usr/share/wordnet ] || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y -qq wordnet-base >/dev/null 2>&1 || \
+		  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wordnet-base >/dev/null 2>&1; }; }; } || true
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -35,7 +35,11 @@ def _jsonl_texts(path: Path) -> list[str]:
 
 
 def topic_split(texts: list[str], n_topic: int, n_heldout: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Disjoint random samples: ``n_topic`` texts to score the topic, ``n_heldout`` to measure distance."""
+    """Disjoint random samples: ``n_topic`` texts to score the topic, ``n_heldout`` to measure distance.
+
+    Duplicates are dropped first, so no text can land in both parts.
+    """
+    texts = list(dict.fromkeys(texts))
     if len(texts) < n_topic + n_heldout:
         raise SaealignError(f"the topic file has {len(texts)} texts; {n_topic} + {n_heldout} are needed for disjoint splits")
     picked = random.Random(seed).sample(texts, n_topic + n_heldout)
@@ -118,6 +122,15 @@ def generation_cmd(layers: str, methods: str, modes: str, seeds: str, strengths:
     from saealign.evaluate.report import markdown_table, scatter_plot, write_rows
     from saealign.models import load_model
 
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(","))
+        strength_list = tuple(float(s) for s in strengths.split(","))
+    except ValueError:
+        raise SaealignError("--seeds takes integers and --strengths numbers, separated by commas (e.g. 0,1,2)") from None
+    bad = [m for m in methods.split(",") if m not in ("none", "sae", "clamp", "swap", "weight")]
+    bad += [m for m in modes.split(",") if m not in ("error", "replace")]
+    if bad:
+        raise SaealignError(f"unknown method or mode {', '.join(bad)}: methods none,sae,clamp,swap,weight; modes error,replace")
     root = _data_dir(data)
     prompts = read_topic([root / "topics" / "medical_metaphors.txt"])
     topic, heldout = topic_split(_jsonl_texts(root / "topics" / "medical_medquad.jsonl.gz"), n_topic, n_heldout)
@@ -127,7 +140,7 @@ def generation_cmd(layers: str, methods: str, modes: str, seeds: str, strengths:
         raise SaealignError(f"cannot load the judge model {judge!r} ({e}): pass --judge with a loadable model") from None
     setup = GenerationSetup(
         methods=tuple(methods.split(",")), modes=tuple(modes.split(",")),
-        seeds=tuple(int(s) for s in seeds.split(",")), strengths=tuple(float(s) for s in strengths.split(",")),
+        seeds=seed_list, strengths=strength_list,
         max_new_tokens=max_new_tokens,
     )
     aligners = {layer: functools.partial(_aligner_for, layer) for layer in parse_layers(layers)}

@@ -32,7 +32,8 @@ def demo_topic(seed: int = 0) -> tuple[list[str], str]:
     if medquad is not None and medquad.exists():
         with gzip.open(medquad, "rt", encoding="utf-8") as f:
             texts = [json.loads(line)["text"] for line in f if line.strip()]
-        return random.Random(seed).sample(texts, N_TOPIC_TEXTS), f"{N_TOPIC_TEXTS} texts of {medquad.name}"
+        n = min(N_TOPIC_TEXTS, len(texts))
+        return random.Random(seed).sample(texts, n), f"{n} texts of {medquad.name}"
     path = TOPICS_DIR / "medical.txt"
     return read_topic([path]), f"{path.name} (package example)"
 
@@ -53,7 +54,7 @@ def side_by_side(plain: list[Generation], steered: list[Generation], title: str)
     table.add_column("unsteered", ratio=2)
     table.add_column(f"{steered[0].method} ({steered[0].mode})", ratio=2)
     for p, s in zip(plain, steered, strict=True):
-        table.add_row(p.prompt, _cell(p), _cell(s))
+        table.add_row(escape(p.prompt), _cell(p), _cell(s))
     return table
 
 
