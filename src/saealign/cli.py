@@ -323,5 +323,24 @@ def demo_cmd(layer: int | None, max_new_tokens: int, seed: int) -> None:
     run_demo(layer=layer, max_new_tokens=max_new_tokens, seed=seed)
 
 
+@main.command("serve")
+@stack_options
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--max-new-tokens", "max_new_tokens_limit", default=256, show_default=True, help="per-request limit")
+@friendly
+def serve_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path | None, corpus_spec: str | None,
+              max_prompts: int, host: str, port: int, max_new_tokens_limit: int) -> None:
+    """Serve aligned generation over HTTP (JSON API, OpenAI-compatible routes, and a page at /).
+
+    Example: saealign serve --port 8000   # then open http://127.0.0.1:8000/
+    """
+    from saealign.generate import Aligner
+    from saealign.server import ServerLimits, serve
+
+    aligner = Aligner(*_stack(model, sae_spec, layer, index_dir, corpus_spec, max_prompts))
+    serve(aligner, host=host, port=port, limits=ServerLimits(max_new_tokens=max_new_tokens_limit))
+
+
 # The eval group lives in its own module; importing it registers its commands on ``main``.
 from saealign import cli_eval  # noqa: E402,F401

@@ -229,7 +229,7 @@ class Aligner:
     def _events(self, plan: _Plan, sampling: Sampling) -> Iterator[tuple[int, TokenEvent, int, str | None]]:
         """``(row, event, n_changed, finish reason or None)`` for each row's token of each step, in row order."""
         tok = self.lm.tokenizer
-        eos = self._eos_ids()
+        eos = self.eos_ids()
         pad = getattr(tok, "pad_token_id", None)
         pad = pad if pad is not None else (min(eos) if eos else 0)
         detok = [Detokenizer(tok) for _ in plan.rows]
@@ -243,7 +243,7 @@ class Aligner:
                 reason = ("eos" if token in eos else "length") if last else None
                 yield row, TokenEvent(detok[row].push(token, last), token, c, step.step), n_changed, reason
 
-    def _eos_ids(self) -> set[int]:
+    def eos_ids(self) -> set[int]:
         """The tokenizer's end-of-sequence id and the model's generation-config ones (chat models add theirs)."""
         ids: set[int] = set()
         for value in (

@@ -1,0 +1,310 @@
+"""The HTTP API over a real socket: uvicorn on a free loopback port serving a tiny Aligner.
+
+Expected answers come from a second, identical Aligner called directly (the served one's model
+belongs to the server's worker thread), so every check is an identity with the library.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from conftest import make_llama, make_sae, make_texts, make_tokenizer
+from saealign.corpus import Corpus
+from saealign.defaults import TOPICS_DIR
+from saealign.embed import HashingEmbedder
+from saealign.generate import Aligner, TokenEvent
+from saealign.index import IndexConfig, build_index
+from saealign.models import LoadedModel
+from saealign.server import ServerLimits, create_app
+
+CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
+TOPIC_A = ["the cat sat on the old house", "a small dog runs near the river"]
+TOPIC_B = ["the sun shines over the blue sky", "the moon and a star light the dark sky"]
+LIMITS = ServerLimits(max_new_tokens=64, max_prompts=4, max_topic_texts=50, max_streams=2, batch_window_s=0.3)
+
+
+def tiny_aligner(index_folder: Path) -> Aligner:
+    tok = make_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    lm = LoadedModel(model=make_llama(), tokenizer=tok, name="tiny-llama", key="tiny", load_seconds=0.0)
+    sae = make_sae()
+    texts = make_texts(64, seed=1)
+    corpus = Corpus(texts, ["x"] * len(texts), ["test"] * len(texts), name="tiny")
+    index = build_index(lm, sae, corpus, HashingEmbedder(), index_folder, IndexConfig(layer=0, shard_size=16),
+                        progress=False)
+    return Aligner(lm, sae, 0, index, HashingEmbedder())
+
+
+@dataclass
+class Served:
+    url: str
+    aligner: Aligner
+    """The served Aligner (do not call it: its model belongs to the server)."""
+    reference: Aligner
+    """An identical Aligner with its own model, for expected answers."""
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    folder = tmp_path_factory.mktemp("server")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAEALIGN_CACHE", str(folder / "cache"))
+        aligner, reference = tiny_aligner(folder / "index"), tiny_aligner(folder / "index")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(aligner, LIMITS), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    yield Served(f"http://127.0.0.1:{port}", aligner, reference)
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+@pytest.fixture
+def client(served: Served) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=served.url, timeout=30) as c:
+        yield c
+
+
+def topic_id(client: httpx.Client, texts: list[str]) -> str:
+    r = client.post("/v1/topics", json={"texts": texts})
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    """``(event name, data)`` of each Server-Sent Event."""
+    name, data = "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield name, "\n".join(data)
+            name, data = "message", []
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+
+
+# -- the API --------------------------------------------------------------------------------------
+def test_health_schema_examples_and_page(client: httpx.Client) -> None:
+    health = client.get("/health").json()
+    assert (health["status"], health["model"], health["layer"], health["d_sae"]) == ("ok", "tiny-llama", 0, 256)
+    assert health["limits"]["max_new_tokens"] == 64
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/topics", "/v1/topics/{topic_id}", "/v1/generate", "/v1/completions", "/v1/chat/completions",
+            "/health"} <= set(paths)
+    examples = {e["name"]: e["texts"] for e in client.get("/v1/examples").json()["examples"]}
+    assert set(examples) == {p.stem for p in TOPICS_DIR.glob("*.txt")} and "medical" in examples
+    assert examples["medical"] == [t for t in (TOPICS_DIR / "medical.txt").read_text().splitlines() if t.strip()]
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    for element in ('id="topic-texts"', 'id="score-btn"', 'id="latents"', 'id="prompt"', 'id="generate-btn"',
+                    'id="plain-output"', 'id="steered-output"', "/static/app.js"):
+        assert element in page.text
+    assert "span.token" in client.get("/static/style.css").text and "getReader" in client.get("/static/app.js").text
+
+
+def test_topic_create_and_get_match_the_library(client: httpx.Client, served: Served) -> None:
+    r = client.post("/v1/topics", json={"texts": TOPIC_A + ["  "], "top": 3, "examples": 2, "min_prompts": 10})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = served.reference.topic(TOPIC_A, min_prompts=10)
+    assert [row["latent"] for row in body["top_latents"]] == expected.top(3)
+    index = served.reference.index
+    assert index is not None
+    for row in body["top_latents"]:
+        i = row["latent"]
+        assert row["score"] == pytest.approx(float(expected.scores[i]), abs=1e-6)
+        assert row["g"] == pytest.approx(float(expected.g[i]))
+        assert row["prompts"] == int(expected.n_prompts[i])
+        assert row["examples"] == [t for t, _ in index.top_texts(i, 2)]
+    assert (body["texts"], body["scored"]) == (2, int(expected.scored.sum()))
+    assert client.get(f"/v1/topics/{body['id']}", params={"top": 3}).json() == body
+    again = client.post("/v1/topics", json={"texts": TOPIC_A, "top": 3, "examples": 2, "min_prompts": 10}).json()
+    assert again["id"] == body["id"]  # the id is a hash of the texts and options
+    assert topic_id(client, TOPIC_A) != body["id"]  # other min_prompts: another topic
+
+
+def test_generate_matches_the_library(client: httpx.Client, served: Served) -> None:
+    tid = topic_id(client, TOPIC_A)
+    prompts = ["the cat sat on the", "a dog"]
+    r = client.post("/v1/generate", json={"prompts": prompts, "topic_id": tid, "method": "swap", "mode": "replace",
+                                          "greedy": True, "max_new_tokens": 6})
+    assert r.status_code == 200, r.text
+    got = r.json()["generations"]
+    want = served.reference.generate(prompts, TOPIC_A, method="swap", mode="replace", greedy=True, max_new_tokens=6)
+    assert [g["token_ids"] for g in got] == [w.token_ids for w in want]
+    assert [g["text"] for g in got] == [w.text for w in want]
+    for g, w in zip(got, want, strict=True):
+        assert g["token_contamination"] == pytest.approx(w.token_contamination, abs=1e-5)
+        assert (g["prompt"], g["method"], g["mode"], g["topic_id"], g["finish_reason"]) == (
+            w.prompt, "swap", "replace", tid, w.finish_reason)
+    # without a topic the method defaults to none, and nothing is measured
+    plain = client.post("/v1/generate", json={"prompt": "a dog", "greedy": True, "max_new_tokens": 4}).json()
+    only = plain["generations"][0]
+    assert (only["method"], only["contamination"], only["topic_id"]) == ("none", None, None)
+    assert only["token_ids"] == served.reference.generate("a dog", method="none", greedy=True, max_new_tokens=4)[0].token_ids
+
+
+def test_generate_stream_sends_one_event_per_token_then_done(client: httpx.Client, served: Served) -> None:
+    tid = topic_id(client, TOPIC_B)
+    body = {"prompt": "the cat sat on the", "topic_id": tid, "method": "weight", "greedy": True,
+            "max_new_tokens": 7, "stream": True}
+    with client.stream("POST", "/v1/generate", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = list(sse_events(r.iter_lines()))
+    want = list(served.reference.stream("the cat sat on the", TOPIC_B, method="weight", greedy=True,
+                                        max_new_tokens=7))
+    tokens = [json.loads(d) for name, d in events if name == "message"]
+    assert [name for name, _ in events] == ["message"] * len(want) + ["done"]
+    assert [TokenEvent(t["text"], t["token_id"], t["contamination"], t["index"]) for t in tokens] == [
+        TokenEvent(w.text, w.token_id, pytest.approx(w.contamination, abs=1e-5), w.index) for w in want]
+    done = json.loads(events[-1][1])
+    assert done["text"] == "".join(w.text for w in want) and done["token_ids"] == [w.token_id for w in want]
+    assert done["contamination"] == pytest.approx(sum(t["contamination"] for t in tokens) / len(tokens))
+    assert (done["topic_id"], done["method"]) == (tid, "weight")
+
+
+def test_concurrent_requests_with_different_topics_share_one_batch(client: httpx.Client, served: Served) -> None:
+    a, b = topic_id(client, TOPIC_A), topic_id(client, TOPIC_B)
+    jobs = [("the cat sat on the", a, TOPIC_A), ("a dog runs near the", b, TOPIC_B)]
+    before = client.get("/health").json()["batches"]
+
+    def send(prompt: str, tid: str) -> dict[str, Any]:
+        r = httpx.post(f"{served.url}/v1/generate", timeout=30, json={
+            "prompt": prompt, "topic_id": tid, "method": "swap", "greedy": True, "max_new_tokens": 5})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(send, [p for p, _, _ in jobs], [t for _, t, _ in jobs]))
+    assert client.get("/health").json()["batches"] == before + 1
+    assert answers[0]["batch"] == answers[1]["batch"] == before + 1
+    assert answers[0]["batch_rows"] == answers[1]["batch_rows"] == 2
+    for answer, (prompt, tid, texts) in zip(answers, jobs, strict=True):
+        got = answer["generations"][0]
+        want = served.reference.generate(prompt, texts, method="swap", greedy=True, max_new_tokens=5)[0]
+        # each row was steered by, and measured against, its own topic
+        assert (got["prompt"], got["topic_id"], got["token_ids"]) == (prompt, tid, want.token_ids)
+        assert got["token_contamination"] == pytest.approx(want.token_contamination, abs=1e-5)
+
+
+def test_openai_client_completions_and_chat(served: Served) -> None:
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="x", max_retries=0)
+    with httpx.Client(base_url=served.url) as h:
+        tid = topic_id(h, TOPIC_A)
+    ref = served.reference
+    want = ref.generate("the cat sat on the", TOPIC_A, method="swap", greedy=True, max_new_tokens=5)[0]
+    done = client.completions.create(model="any", prompt="the cat sat on the", max_tokens=5, temperature=0,
+                                     extra_body={"topic": tid})
+    assert (done.object, done.model, len(done.choices)) == ("text_completion", "tiny-llama", 1)
+    assert done.choices[0].text == want.text
+    assert done.choices[0].finish_reason == {"eos": "stop", "length": "length"}[want.finish_reason]
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (6, len(want.token_ids))  # <s> + 5 words
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model="any", prompt="the cat sat on the", max_tokens=5, temperature=0, stream=True, extra_body={"topic": tid})]
+    assert "".join(pieces) == want.text and len(pieces) == len(want.token_ids) + 1  # + the finish chunk
+
+    chat_want = ref.generate("a dog", TOPIC_B, method="weight", greedy=True, max_new_tokens=4, chat=True)[0]
+    options = {"topic": TOPIC_B, "saealign": {"method": "weight"}}
+    chat = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "a dog"}], max_tokens=4,
+                                          temperature=0, extra_body=options)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == chat_want.text
+    stream = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "a dog"}],
+                                            max_tokens=4, temperature=0, stream=True, extra_body=options)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat_want.text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError, match="n is 2"):
+        client.completions.create(model="any", prompt="a dog", n=2)
+    with pytest.raises(openai.BadRequestError, match="one user message"):
+        client.chat.completions.create(model="any", messages=[{"role": "assistant", "content": "a dog"}])
+
+
+@pytest.mark.parametrize(("path", "send", "status", "needle"), [
+    ("/v1/generate", {"content": b'{"prompt": "a dog", ', "headers": {"content-type": "application/json"}}, 400,
+     "malformed JSON"),
+    ("/v1/generate", {"json": {"prompt": "a dog", "topic_id": "nope"}}, 404, "unknown topic id 'nope'"),
+    ("/v1/generate", {"json": {"prompt": "  "}}, 400, "prompt 0 is empty"),
+    ("/v1/generate", {"json": {"prompts": []}}, 400, "prompts is empty"),
+    ("/v1/generate", {"json": {"prompt": "a dog", "max_new_tokens": 65}}, 400, "limit of 64"),
+    ("/v1/generate", {"json": {"prompt": "a dog", "max_new_tokens": 0}}, 400, "at least 1"),
+    ("/v1/generate", {"json": {"prompt": "a dog", "method": "swap"}}, 400, "needs a topic"),
+    ("/v1/generate", {"json": {"prompt": "a dog", "promt": 1}}, 422, "promt: Extra inputs are not permitted"),
+    ("/v1/generate", {"json": {"prompt": " ".join(["dog"] * 100), "max_new_tokens": 64}}, 400, "context of 128"),
+    ("/v1/generate", {"json": {"prompt": " ".join(["dog"] * 100), "max_new_tokens": 64, "stream": True}}, 400,
+     "context of 128"),
+    ("/v1/generate", {"json": {"prompts": ["a dog", "a cat"], "stream": True}}, 400, "a stream has one prompt"),
+    ("/v1/generate", {"content": b"x" * 10_000_000}, 413, "limit of 1000000"),
+    ("/v1/generate", {"content": b'{"prompt": "\xff\xfe"}', "headers": {"content-type": "application/json"}}, 400,
+     "not UTF-8"),
+    ("/v1/topics", {"json": {"texts": ["the cat"] * 51}}, 413, "limit of 50"),
+    ("/v1/topics", {"json": {"texts": [" "]}}, 400, "no texts"),
+    ("/v1/topics/nope", None, 404, "unknown topic id"),
+    ("/v1/nothing", None, 404, "Not Found"),
+])
+def test_bad_input_is_4xx_json_and_the_server_keeps_serving(client: httpx.Client, path: str, send: dict | None,
+                                                            status: int, needle: str) -> None:
+    r = client.get(path) if send is None else client.post(path, **send)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_streams_interleave_and_a_disconnected_stream_frees_its_slot(
+    client: httpx.Client, served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    produced: list[tuple[str, int]] = []
+    real_stream = served.aligner.stream
+
+    def slow_stream(prompt: str, *args: Any, **kwargs: Any) -> Iterator[TokenEvent]:
+        for event in real_stream(prompt, *args, **kwargs):
+            time.sleep(0.01)  # a slow model: the client has time to leave mid-stream
+            produced.append((prompt, event.index))
+            yield event
+
+    monkeypatch.setattr(served.aligner, "stream", slow_stream)
+    body = {"method": "none", "greedy": True, "max_new_tokens": 20, "stream": True}
+
+    def read(prompt: str) -> int:
+        with httpx.stream("POST", f"{served.url}/v1/generate", json={**body, "prompt": prompt}, timeout=30) as r:
+            return sum(name == "message" for name, _ in sse_events(r.iter_lines()))
+
+    with ThreadPoolExecutor(2) as pool:
+        counts = list(pool.map(read, ["a dog", "the cat"]))
+    assert counts == [20, 20]
+    last_dog = max(i for i, (p, _) in enumerate(produced) if p == "a dog")
+    assert any(p == "the cat" for p, _ in produced[:last_dog])  # the two streams grew side by side
+
+    before = client.get("/health").json()
+    with client.stream("POST", "/v1/generate", json={**body, "prompt": "a dog", "max_new_tokens": 64}) as r:
+        lines = r.iter_lines()
+        assert next(sse_events(lines))[0] == "message"  # one token, then the client leaves
+    deadline = time.monotonic() + 10
+    while (now := client.get("/health").json())["streams_active"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert now["streams_active"] == 0 and now["streams_cancelled"] == before["streams_cancelled"] + 1
+    assert sum(p == "a dog" for p, _ in produced) < 20 + 64  # it stopped early
+    assert read("the cat") == 20  # the next stream is served
