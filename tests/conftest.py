@@ -99,3 +99,57 @@ def real_lm() -> LoadedModel:
     from saealign.models import load_model
 
     return load_model("default")
+
+
+# -- a live server: uvicorn on a free loopback port serving a tiny Aligner (tests/test_page.py) ----
+def make_aligner(index_folder, chat_template: str | None = None):  # noqa: ANN201 - a saealign Aligner
+    """An Aligner over ``make_llama``, ``make_sae`` and a 64-text index built (or reused) in ``index_folder``.
+
+    Layer 0, HashingEmbedder: nothing is downloaded. Set SAEALIGN_CACHE first (the index caches activations).
+    """
+    from saealign.corpus import Corpus
+    from saealign.embed import HashingEmbedder
+    from saealign.generate import Aligner
+    from saealign.index import IndexConfig, build_index
+
+    tok = make_tokenizer()
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    lm = LoadedModel(model=make_llama(), tokenizer=tok, name="tiny-llama", key="tiny", load_seconds=0.0)
+    sae = make_sae()
+    texts = make_texts(64, seed=1)
+    corpus = Corpus(texts, ["x"] * len(texts), ["test"] * len(texts), name="tiny")
+    index = build_index(lm, sae, corpus, HashingEmbedder(), index_folder, IndexConfig(layer=0, shard_size=16),
+                        progress=False)
+    return Aligner(lm, sae, 0, index, HashingEmbedder())
+
+
+class LiveServer:
+    """``with LiveServer(app) as url:`` serves the ASGI ``app`` with uvicorn in a daemon thread on a free
+    loopback port (bound before the thread starts, so there is no race for it) until the block ends."""
+
+    def __init__(self, app: object, start_timeout_s: float = 20.0) -> None:
+        self.app, self.start_timeout_s = app, start_timeout_s
+
+    def __enter__(self) -> str:
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))  # type: ignore[arg-type]
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
