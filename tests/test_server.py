@@ -7,45 +7,25 @@ belongs to the server's worker thread), so every check is an identity with the l
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from conftest import make_llama, make_sae, make_texts, make_tokenizer
-from saealign.corpus import Corpus
+from conftest import LiveServer, make_aligner
 from saealign.defaults import TOPICS_DIR
-from saealign.embed import HashingEmbedder
 from saealign.generate import Aligner, TokenEvent
-from saealign.index import IndexConfig, build_index
-from saealign.models import LoadedModel
 from saealign.server import ServerLimits, create_app
 
 CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
 TOPIC_A = ["the cat sat on the old house", "a small dog runs near the river"]
 TOPIC_B = ["the sun shines over the blue sky", "the moon and a star light the dark sky"]
 LIMITS = ServerLimits(max_new_tokens=64, max_prompts=4, max_topic_texts=50, max_streams=2, batch_window_s=0.3)
-
-
-def tiny_aligner(index_folder: Path) -> Aligner:
-    tok = make_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    lm = LoadedModel(model=make_llama(), tokenizer=tok, name="tiny-llama", key="tiny", load_seconds=0.0)
-    sae = make_sae()
-    texts = make_texts(64, seed=1)
-    corpus = Corpus(texts, ["x"] * len(texts), ["test"] * len(texts), name="tiny")
-    index = build_index(lm, sae, corpus, HashingEmbedder(), index_folder, IndexConfig(layer=0, shard_size=16),
-                        progress=False)
-    return Aligner(lm, sae, 0, index, HashingEmbedder())
 
 
 @dataclass
@@ -62,21 +42,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     folder = tmp_path_factory.mktemp("server")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAEALIGN_CACHE", str(folder / "cache"))
-        aligner, reference = tiny_aligner(folder / "index"), tiny_aligner(folder / "index")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(aligner, LIMITS), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    yield Served(f"http://127.0.0.1:{port}", aligner, reference)
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+        aligner, reference = (make_aligner(folder / "index", CHAT_TEMPLATE) for _ in range(2))
+    with LiveServer(create_app(aligner, LIMITS)) as url:
+        yield Served(url, aligner, reference)
 
 
 @pytest.fixture
