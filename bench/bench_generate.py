@@ -27,7 +27,8 @@ PROMPTS = ["My heart is broken so I should", "The best way to spend a weekend is
 
 def tokens_per_second(aligner: Aligner, batch: int, method: str, topic: TopicScores | None, tokens: int) -> float:
     start = time.perf_counter()
-    gens = aligner.generate(PROMPTS[:batch], topic=topic, method=method, max_new_tokens=tokens, top_k=5, seed=0)
+    gens = aligner.generate(PROMPTS[:batch], topic=topic, method=method, strength=1.0, max_new_tokens=tokens, top_k=5,
+                            seed=0)
     seconds = time.perf_counter() - start
     return sum(len(g.token_ids) for g in gens) / seconds
 

@@ -29,7 +29,8 @@ PAPER_S = 62.0
 TOPIC = [f"The patient with condition {i} was treated with medication and monitored for side effects." for i in range(20)]
 
 
-def synthetic_index(n_prompts: int, n_latents: int, nnz: int, dim: int = 384, seed: int = 0) -> ReferenceIndex:
+def synthetic_index(n_prompts: int, n_latents: int, nnz: int, embedder_key: str, dim: int = 384,
+                    seed: int = 0) -> ReferenceIndex:
     rng = np.random.default_rng(seed)
     offsets = rng.integers(0, n_latents, size=(n_prompts, 1))
     cols = np.sort((offsets + np.arange(nnz) * (n_latents // nnz)) % n_latents, axis=1).astype(np.int32)
@@ -39,7 +40,7 @@ def synthetic_index(n_prompts: int, n_latents: int, nnz: int, dim: int = 384, se
     emb = rng.standard_normal((n_prompts, dim)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     manifest = {"format": FORMAT, "version": VERSION, "keys": {"model": "m", "sae": "s", "layer": 0, "corpus": "c",
-                "embedder": "e"}, "config": IndexConfig(layer=0).__dict__, "n_prompts": n_prompts, "d_sae": n_latents}
+                "embedder": embedder_key}, "config": IndexConfig(layer=0).__dict__, "n_prompts": n_prompts, "d_sae": n_latents}
     return ReferenceIndex(Path("synthetic"), manifest, act_sum, act_sum.data.copy(), np.ones_like(act_sum.data),
                           np.full(n_prompts, 20, dtype=np.int32), emb.astype(np.float16),
                           [""] * n_prompts, ["x"] * n_prompts)
@@ -58,8 +59,8 @@ def main() -> int:
     args = parser.parse_args()
 
     t0 = time.perf_counter()
-    index = synthetic_index(args.prompts, args.latents, args.nnz)
     embedder = Embedder.default()
+    index = synthetic_index(args.prompts, args.latents, args.nnz, embedder.fingerprint)
     index.score(TOPIC, embedder)  # warm-up: builds the prepared summary once, as a loaded index does
     setup_s = time.perf_counter() - t0
     times = []

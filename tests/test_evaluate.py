@@ -245,7 +245,8 @@ def test_evaluate_generations_end_to_end(tiny_lm: LoadedModel, sae: SAE, index: 
     assert [(r["layer"], r["method"], r["mode"], r["strength"]) for r in rows] == [(0, "none", "error", 1.0),
                                                                                    (0, "swap", "error", 1.0)]
     metrics = ("distance", "ppl", "contamination", "distinct2", "changed")
-    assert set(rows[0]) == {"layer", "method", "mode", "strength", "seconds"} | set(metrics) | {f"{m}_std" for m in metrics}
+    assert set(rows[0]) == ({"label", "kind", "layer", "method", "mode", "strength", "strength_used", "seconds"}
+                            | set(metrics) | {f"{m}_std" for m in metrics})
     for r in rows:
         assert all(np.isfinite(r[m]) for m in metrics)
         assert all(r[f"{m}_std"] == 0.0 for m in metrics)  # one seed
@@ -320,7 +321,7 @@ def test_eval_generation_command_writes_reports(tmp_path: Path) -> None:
     md = (out / "generation.md").read_text()
     assert "| layer | method | mode | strength | distance | ppl |" in md and md in result.output
     assert (out / "generation.png").read_bytes()[:8] == PNG_MAGIC
-    assert (out / "generation.csv").read_text().startswith("layer,method,mode,strength,seconds,distance")
+    assert (out / "generation.csv").read_text().startswith("label,kind,layer,method,mode,strength,strength_used,seconds,distance")
 
 
 @pytest.mark.usefixtures("tiny_stack")

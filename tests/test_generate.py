@@ -36,7 +36,8 @@ def sae() -> SAE:
 
 @pytest.fixture(scope="module")
 def aligner(lm: LoadedModel, sae: SAE) -> Aligner:
-    return Aligner(lm, sae, 0)
+    # the embedder lets strength="auto" (the default) measure distance to the topic texts
+    return Aligner(lm, sae, 0, embedder=HashingEmbedder())
 
 
 def topic_scores(sae: SAE, seed: int, value: float | None = None) -> TopicScores:
@@ -80,7 +81,7 @@ def test_swap_with_all_scores_one_equals_sae(aligner: Aligner, sae: SAE) -> None
 
 
 def test_swap_changes_latents_and_contamination_is_per_token(aligner: Aligner, sae: SAE) -> None:
-    gens = aligner.generate(PROMPTS, topic_scores(sae, 1), method="swap", greedy=True, max_new_tokens=N_NEW)
+    gens = aligner.generate(PROMPTS, topic_scores(sae, 1), method="swap", strength=1, greedy=True, max_new_tokens=N_NEW)
     for g in gens:
         n = len(g.token_ids)
         assert len(g.tokens) == len(g.n_changed) == len(g.token_contamination or []) == n

@@ -295,3 +295,26 @@ def test_kendall_tau_between_summaries(built: ReferenceIndex) -> None:
     for other in ("sum", "binary"):
         tau = kendall_tau(by_summary["normalized_sum"], by_summary[other])
         assert -1.0 <= tau <= 1.0 and np.isfinite(tau)
+
+
+def test_sparse_statistics_equal_dense_accumulation() -> None:
+    """_combine's per-(prompt, latent) sum/max/count equal a dense index_add / amax / count, entry for entry."""
+    from saealign.index import _combine
+
+    rng = np.random.default_rng(0)
+    n, d, n_tok = 5, 7, 40
+    owner = rng.integers(0, n, n_tok)
+    acts = rng.random((n_tok, d)).astype(np.float32) * (rng.random((n_tok, d)) < 0.3)
+    token, latent = np.nonzero(acts)
+    pattern, act_max, act_count = _combine(owner[token] * d + latent, acts[token, latent], n, d)
+    dense_sum, dense_max, dense_count = np.zeros((n, d), np.float32), np.zeros((n, d), np.float32), np.zeros((n, d))
+    for t in range(n_tok):
+        dense_sum[owner[t]] += acts[t]
+        dense_max[owner[t]] = np.maximum(dense_max[owner[t]], acts[t])
+        dense_count[owner[t]] += acts[t] > 0
+    assert np.allclose(pattern.toarray(), dense_sum, rtol=1e-6, atol=0)
+    assert (pattern.toarray() != 0).sum() == (dense_sum != 0).sum() == pattern.nnz
+    rows = np.repeat(np.arange(n), np.diff(pattern.indptr))
+    assert np.array_equal(act_max, dense_max[rows, pattern.indices])
+    assert np.array_equal(act_count, dense_count[rows, pattern.indices])
+    assert pattern.has_sorted_indices

@@ -244,6 +244,19 @@ METHODS = ("none", "sae", "clamp", "swap", "weight")
 MODES = ("error", "replace")
 
 
+def parse_strength(text: str) -> float | str:
+    """``auto`` or a non-negative number (the ``--strength`` option)."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise SaealignError(f"--strength takes a number or auto, got {text!r}") from None
+    if not value >= 0:
+        raise SaealignError(f"--strength must be >= 0, got {text}")
+    return value
+
+
 @main.command("generate")
 @stack_options
 @click.argument("prompts", nargs=-1)
@@ -253,7 +266,8 @@ MODES = ("error", "replace")
 @click.option("--method", type=click.Choice(METHODS), default="swap", show_default=True)
 @click.option("--mode", type=click.Choice(MODES), default="error", show_default=True,
               help="error: keep the SAE's reconstruction error; replace: layer output = SAE decode (the paper)")
-@click.option("--strength", default=1.0, show_default=True, help="Swap/Weight use scores**strength (1 = the paper)")
+@click.option("--strength", default="auto", show_default=True,
+              help="Swap/Weight use scores**strength (1 = the paper); auto: the strongest within +15 %% perplexity")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--top-k", default=5, show_default=True)
 @click.option("--temperature", default=1.0, show_default=True)
@@ -266,7 +280,7 @@ MODES = ("error", "replace")
 @friendly
 def generate_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path | None, corpus_spec: str | None,
                  max_prompts: int, prompts: tuple[str, ...], topic_files: tuple[str, ...], topic_texts: tuple[str, ...],
-                 scores_path: Path | None, method: str, mode: str, strength: float, max_new_tokens: int, top_k: int,
+                 scores_path: Path | None, method: str, mode: str, strength: str, max_new_tokens: int, top_k: int,
                  temperature: float, seed: int, greedy: bool, chat: bool, prompts_file: Path | None,
                  min_prompts: int, as_json: bool) -> None:
     """Generate continuations steered toward a topic (M2), with per-token contamination.
@@ -282,6 +296,7 @@ def generate_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path |
         raise SaealignError("give at least one prompt (arguments or --prompts-file)")
     if max_new_tokens < 1:
         raise SaealignError("--max-new-tokens must be at least 1")
+    strength_value = parse_strength(strength)
     lm, sae, layer_used, index, embedder = _stack(model, sae_spec, layer, index_dir, corpus_spec, max_prompts)
     aligner = Aligner(lm, sae, layer_used, index, embedder)
     topic = None
@@ -291,8 +306,13 @@ def generate_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path |
         topic = aligner.topic(_read_topic_texts(topic_files, topic_texts), min_prompts=min_prompts)
     elif method != "none":
         raise SaealignError(f"--method {method} needs a topic: --topic-file, --topic or --scores")
-    options = dict(topic=topic, mode=mode, strength=strength, max_new_tokens=max_new_tokens, top_k=top_k,
+    options = dict(topic=topic, mode=mode, strength=strength_value, max_new_tokens=max_new_tokens, top_k=top_k,
                    temperature=temperature, seed=seed, greedy=greedy, chat=chat)
+    if topic is not None and strength_value == "auto" and method in ("swap", "weight"):
+        known = len(topic.extra.get("auto_strength", {}))
+        click.echo(aligner.auto_strength(topic, method, mode).describe(), err=True)
+        if scores_path is not None and len(topic.extra["auto_strength"]) > known:
+            topic.save(scores_path)  # keep the search with the scores: the next run reuses it
     steered = aligner.generate(prompt_list, method=method, **options)  # type: ignore[arg-type]
     if as_json:
         for g in steered:
@@ -343,4 +363,4 @@ def serve_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path | No
 
 
 # The eval group lives in its own module; importing it registers its commands on ``main``.
-from saealign import cli_eval  # noqa: E402,F401
+from saealign import cli_eval, cli_eval_all, cli_eval_paper  # noqa: E402,F401

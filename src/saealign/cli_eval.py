@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import gzip
 import json
 import random
@@ -97,63 +96,49 @@ def topic_signal_cmd(layers: str, data: Path | None, max_prompts: int, n_topic: 
     click.echo(f"wrote {out}/topic_signal.md")
 
 
+def _metaphors(data: Path | None) -> list[str]:
+    from saealign.corpus import read_topic
+
+    path = _data_dir(data) / "topics" / "medical_metaphors.txt"
+    if not path.exists():
+        raise SaealignError(f"{path} not found: pass --data pointing at the shared data folder")
+    return read_topic([path])
+
+
 @eval_group.command("generation")
 @click.option("--layers", default="6,15", show_default=True)
 @click.option("--methods", default="none,sae,clamp,swap,weight", show_default=True)
 @click.option("--modes", default="error,replace", show_default=True)
 @click.option("--seeds", default="0,1,2", show_default=True)
-@click.option("--strengths", default="1", show_default=True, help="Swap/Weight strengths (score exponents)")
+@click.option("--strengths", default="1", show_default=True, help="Swap/Weight strengths: numbers or auto")
+@click.option("--baselines", default="prompt,lora,full", show_default=True,
+              help="prompting and fine-tuning baselines ('' for none)")
 @click.option("--judge", default="gemma3-270m", show_default=True, help="judge LM for perplexity")
+@click.option("--acceptability/--no-acceptability", default=False, show_default=True,
+              help="also judge acceptability with the CoLA classifier (trained once, cached)")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="shared data folder (default ../shared/data)")
 @click.option("--n-topic", default=50, show_default=True, help="MedQuAD texts forming the topic")
 @click.option("--n-heldout", default=200, show_default=True, help="other MedQuAD texts to measure distance against")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/generation"), show_default=True)
 @friendly
-def generation_cmd(layers: str, methods: str, modes: str, seeds: str, strengths: str, judge: str, data: Path | None,
-                   n_topic: int, n_heldout: int, max_new_tokens: int, out: Path) -> None:
-    """Table 2: the medical-metaphor prompts under each method, mode and layer (distance, judge ppl, contamination).
+def generation_cmd(layers: str, methods: str, modes: str, seeds: str, strengths: str, baselines: str, judge: str,
+                   acceptability: bool, data: Path | None, n_topic: int, n_heldout: int, max_new_tokens: int,
+                   out: Path) -> None:
+    """Table 2: the medical-metaphor prompts under each method, mode and layer, and the baselines.
 
-    Example: saealign eval generation --layers 15 --modes error --seeds 0
+    Measures distance to held-out topic text, judge perplexity, contamination, repetition.
+    Example: saealign eval generation --layers 15 --modes error --seeds 0 --baselines prompt
     """
-    from saealign.corpus import read_topic
-    from saealign.embed import Embedder
-    from saealign.evaluate.generation import GenerationSetup, evaluate_generations
-    from saealign.evaluate.report import markdown_table, scatter_plot, write_rows
-    from saealign.models import load_model
+    from saealign.cli_eval_suite import generation_table, parse_baselines, parse_strengths, suite_options
 
-    try:
-        seed_list = tuple(int(s) for s in seeds.split(","))
-        strength_list = tuple(float(s) for s in strengths.split(","))
-    except ValueError:
-        raise SaealignError("--seeds takes integers and --strengths numbers, separated by commas (e.g. 0,1,2)") from None
     bad = [m for m in methods.split(",") if m not in ("none", "sae", "clamp", "swap", "weight")]
     bad += [m for m in modes.split(",") if m not in ("error", "replace")]
     if bad:
         raise SaealignError(f"unknown method or mode {', '.join(bad)}: methods none,sae,clamp,swap,weight; modes error,replace")
-    root = _data_dir(data)
-    prompts = read_topic([root / "topics" / "medical_metaphors.txt"])
-    topic, heldout = topic_split(_jsonl_texts(root / "topics" / "medical_medquad.jsonl.gz"), n_topic, n_heldout)
-    try:
-        judge_lm = load_model(judge)
-    except SaealignError as e:
-        raise SaealignError(f"cannot load the judge model {judge!r} ({e}): pass --judge with a loadable model") from None
-    setup = GenerationSetup(
-        methods=tuple(methods.split(",")), modes=tuple(modes.split(",")),
-        seeds=seed_list, strengths=strength_list,
-        max_new_tokens=max_new_tokens,
-    )
-    aligners = {layer: functools.partial(_aligner_for, layer) for layer in parse_layers(layers)}
-    rows, reference = evaluate_generations(aligners, prompts, topic, heldout, judge_lm, Embedder.default(), setup)
-    write_rows(out, "generation", rows, {"reference": reference, "setup": setup.__dict__})
-    cols = ["layer", "method", "mode", "strength", "distance", "ppl", "contamination", "distinct2", "changed"]
-    md = (f"# Generated text: {len(prompts)} medical-metaphor prompts, {max_new_tokens} tokens, top-k 5, "
-          f"seeds {seeds}\n\nDistance: mean min MiniLM distance to {n_heldout} held-out MedQuAD texts "
-          f"(real medical text: {reference['real_topic_text_distance']:.3f}). Perplexity under {judge}.\n\n"
-          + markdown_table(rows, cols))
-    (out / "generation.md").write_text(md)
-    for r in rows:
-        r["label"] = f"L{r['layer']} {r['method']}/{r['mode']}" + (f" x{r['strength']:g}" if r["strength"] != 1 else "")
-    scatter_plot(out / "generation.png", rows, "ppl", "distance", "label", "topic distance vs judge perplexity",
-                 hline=reference["real_topic_text_distance"], hline_label="real medical text")
-    click.echo(md)
+    strength_list, baseline_list = parse_strengths(strengths), parse_baselines(baselines)
+    _metaphors(data)  # a missing prompt file fails before any model loads
+    topic_split(_jsonl_texts(_data_dir(data) / "topics" / "medical_medquad.jsonl.gz"), n_topic, n_heldout)
+    opts = suite_options(data, judge, seeds, max_new_tokens, n_topic, n_heldout, acceptability)
+    generation_table(lambda layer: _aligner_for(layer), parse_layers(layers), tuple(methods.split(",")),
+                     tuple(modes.split(",")), strength_list, baseline_list, opts, out)

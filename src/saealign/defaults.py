@@ -15,7 +15,7 @@ from saealign.corpus import Corpus, find_wordnet, read_corpus, sample
 from saealign.embed import Embedder
 from saealign.errors import SaealignError
 from saealign.index import IndexConfig, ReferenceIndex, build_index
-from saealign.models import LoadedModel, load_model
+from saealign.models import LoadedModel, default_dtype, load_model
 from saealign.sae import SAE, sae_key
 from saealign.sae_loaders import check_sae_fits, load_sae
 
@@ -36,14 +36,19 @@ def default_layers() -> list[int]:
 
 
 def resolve_sae(spec: str) -> SAE:
-    """``default`` / ``default:LAYER`` (the shipped SAEs) or anything :func:`load_sae` reads."""
+    """``default`` / ``default:LAYER`` (the shipped SAEs) or anything :func:`load_sae` reads.
+
+    The SAE is cast to :func:`default_dtype`, whatever its files hold: the shipped SAEs are stored in
+    bf16 (half the size), but on CPUs without native bf16 a bf16 SAE made steering 8x slower than fp32.
+    """
+    dtype = default_dtype()
     if spec == "default" or spec.startswith("default:"):
         layer = int(spec.split(":", 1)[1]) if ":" in spec else DEFAULT_LAYER
         folder = DEFAULT_SAE_DIR / f"layer_{layer}"
         if not (folder / "cfg.json").exists():
             raise SaealignError(f"no default SAE for layer {layer}: shipped layers are {default_layers()}")
-        return load_sae(folder)
-    return load_sae(spec)
+        return load_sae(folder, dtype=dtype)
+    return load_sae(spec, dtype=dtype)
 
 
 def shared_data_dir() -> Path | None:

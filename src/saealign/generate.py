@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from saealign.autostrength import AUTO, AutoStrengthConfig, StrengthChoice, _Probe, cache_key, choose_strength
 from saealign.decoding import Detokenizer, Sampling, decode_steps, row_generator
 from saealign.embed import TextEmbedder
 from saealign.errors import SaealignError
@@ -48,6 +49,7 @@ class Generation:
     method: str
     mode: str
     strength: float
+    """The strength used (``auto`` resolved; 1.0 for methods that ignore it)."""
     text: str
     """The generated continuation only (special tokens removed)."""
     tokens: list[str]
@@ -92,6 +94,8 @@ class _Plan:
     seeds: list[int]
     topic_index: list[int | None]
     hook: SteeringHook | None
+    strengths: list[float]
+    """The strength each row was steered with (``auto`` resolved per topic)."""
 
 
 class Aligner:
@@ -114,6 +118,9 @@ class Aligner:
         if sae.W_enc.device != model_device:
             raise SaealignError(f"the SAE is on {sae.W_enc.device} but the model on {model_device}: move it with sae.to()")
         self.lm, self.sae, self.index, self.embedder = lm, sae, index, embedder
+        self.auto_config = AutoStrengthConfig()
+        """How ``strength="auto"`` searches (see :mod:`saealign.autostrength`); replace to change the budget."""
+        self._probes: dict[str, _Probe] = {}
         self.sae_key = sae_key(sae)
         if index is not None and (index.keys.sae != self.sae_key or index.keys.layer % lm.n_layers != self.layer):
             raise SaealignError(
@@ -150,7 +157,7 @@ class Aligner:
         topic: TopicSpec = None,
         method: str = "swap",
         mode: str = "error",
-        strength: float = 1.0,
+        strength: float | str = AUTO,
         max_new_tokens: int = 64,
         top_k: int = 5,
         temperature: float = 1.0,
@@ -167,11 +174,13 @@ class Aligner:
         TopicScores with ``topic_per_row`` (one index into it per prompt) to steer each row to its own
         topic in the same batch. ``seed``: one for all rows or one per prompt. ``chat``: wrap each
         prompt in the tokenizer's chat template. Methods and modes: see :mod:`saealign.steer`.
+        ``strength``: Swap/Weight use ``scores ** strength`` (1 = the paper); ``"auto"`` picks, per topic,
+        the strongest that keeps perplexity within :attr:`auto_config`'s budget (:meth:`auto_strength`).
         """
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         sampling = Sampling(max_new_tokens, top_k, temperature, greedy)
         plan = self._plan(prompt_list, topic, topic_per_row, seed, chat, sampling,
-                          Steering(method, mode, clamp_n, clamp_multiplier, strength))
+                          (method, mode, clamp_n, clamp_multiplier, strength))
         n = len(prompt_list)
         ids: list[list[int]] = [[] for _ in range(n)]
         pieces: list[list[str]] = [[] for _ in range(n)]
@@ -189,7 +198,7 @@ class Aligner:
         out = []
         for i in range(n):
             out.append(Generation(
-                prompt=prompt_list[i], method=method, mode=mode, strength=strength,
+                prompt=prompt_list[i], method=method, mode=mode, strength=plan.strengths[i],
                 text=self.lm.tokenizer.decode(ids[i], skip_special_tokens=True),  # type: ignore[attr-defined]
                 tokens=pieces[i], token_ids=ids[i],
                 token_contamination=contam[i] if measured else None,
@@ -205,7 +214,7 @@ class Aligner:
         topic: TopicSpec = None,
         method: str = "swap",
         mode: str = "error",
-        strength: float = 1.0,
+        strength: float | str = AUTO,
         max_new_tokens: int = 64,
         top_k: int = 5,
         temperature: float = 1.0,
@@ -222,7 +231,7 @@ class Aligner:
         """
         sampling = Sampling(max_new_tokens, top_k, temperature, greedy)
         plan = self._plan([prompt], topic, None, seed, chat, sampling,
-                          Steering(method, mode, clamp_n, clamp_multiplier, strength))
+                          (method, mode, clamp_n, clamp_multiplier, strength))
         return (event for _, event, _, _ in self._events(plan, sampling))
 
     # -- internals -------------------------------------------------------------------------------
@@ -264,33 +273,71 @@ class Aligner:
         seed: int | Sequence[int],
         chat: bool,
         sampling: Sampling,
-        steering: Steering,
+        how: tuple[str, str, int, float, float | str],
     ) -> _Plan:
         if not prompts:
             raise SaealignError("no prompts given: pass one prompt or a list of them")
         seeds = [seed] * len(prompts) if isinstance(seed, int) else [int(s) for s in seed]
         if len(seeds) != len(prompts):
             raise SaealignError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed, or one per prompt")
+        method, mode, clamp_n, clamp_multiplier, strength = how
+        if isinstance(strength, str) and strength != AUTO:
+            raise SaealignError(f"strength must be a number or 'auto', got {strength!r}")
+        # checks method, mode and a numeric strength before any work (auto resolves to numbers below)
+        steering = Steering(method, mode, clamp_n, clamp_multiplier, 1.0 if strength == AUTO else float(strength))
         texts, rows = zip(*(self._encode(i, p, chat, sampling.max_new_tokens) for i, p in enumerate(prompts)), strict=True)
         topics, per_row = self._topics(topic, topic_per_row, len(prompts))
         if steering.method in ("clamp", "swap", "weight") and not topics:
             raise SaealignError(f"method {steering.method!r} needs a topic: pass topic= (scores or topic texts)")
+        strengths = self._strengths(topics, per_row, method, mode, strength)
         hook = None
         device = self.sae.W_enc.device
         if topics:
             used = sorted({i for i in per_row if i is not None})
             scores = (topics[used[0]].as_tensor(device) if len(used) == 1
                       else torch.stack([topics[i].as_tensor(device) for i in per_row]))  # type: ignore[index]
-            max_act = None
+            max_act = weights = None
             if steering.method == "clamp":
                 if self.index is None:
                     raise SaealignError("clamp needs each latent's max activation from a reference index: pass index=")
                 max_act = torch.as_tensor(self.index.latent_max_act, device=device)
-            hook = SteeringHook(self.sae, steering, scores, max_act)
+            if len(set(strengths)) == 1:
+                steering = Steering(method, mode, clamp_n, clamp_multiplier, strengths[0])
+            else:  # rows steered with different strengths: one weight vector per row
+                weights = torch.stack([Steering(method, mode, strength=st).weights(scores[i])
+                                       for i, st in enumerate(strengths)])
+            hook = SteeringHook(self.sae, steering, scores, max_act, weights=weights)
         elif steering.method == "sae":  # nothing to measure without a topic, but the SAE still edits
             hook = SteeringHook(self.sae, steering, torch.zeros(self.sae.d_sae, device=device), record=False)
         generators = [row_generator(s, t) for s, t in zip(seeds, texts, strict=True)]
-        return _Plan(list(rows), generators, seeds, per_row, hook)
+        return _Plan(list(rows), generators, seeds, per_row, hook, strengths)
+
+    def _strengths(self, topics: list[TopicScores], per_row: list[int | None], method: str, mode: str,
+                   strength: float | str) -> list[float]:
+        """Each row's numeric strength: ``auto`` resolved per topic for Swap/Weight, 1.0 where unused."""
+        if method not in ("swap", "weight"):
+            return [1.0 if strength == AUTO else float(strength)] * len(per_row)
+        if strength != AUTO:
+            return [float(strength)] * len(per_row)
+        chosen = {i: self.auto_strength(topics[i], method, mode).strength for i in sorted({j for j in per_row if j is not None})}
+        return [chosen[i] if i is not None else 1.0 for i in per_row]
+
+    def auto_strength(self, topic: TopicScores, method: str = "swap", mode: str = "error") -> StrengthChoice:
+        """The strongest Swap/Weight strength within the fluency budget for ``topic`` (searched once, then cached
+        in ``topic.extra["auto_strength"]``, which :meth:`TopicScores.save` keeps). See :mod:`saealign.autostrength`."""
+        Steering(method, mode)  # a clear error for an unknown method or mode before any search
+        topic.check_compatible(self.sae_key, self.sae.d_sae)
+        key = cache_key(self, method, mode, self.auto_config)
+        cached = topic.extra.setdefault("auto_strength", {})
+        if key not in cached:
+            cached[key] = choose_strength(self, topic, method, mode, self.auto_config).to_json()
+        return StrengthChoice.from_json(cached[key])
+
+    def _auto_probe(self, cfg: AutoStrengthConfig) -> _Probe:
+        """The unsteered side of the search (topic-independent: measured once per configuration)."""
+        if cfg.key() not in self._probes:
+            self._probes[cfg.key()] = _Probe(self, cfg)
+        return self._probes[cfg.key()]
 
     def _encode(self, i: int, prompt: str, chat: bool, max_new_tokens: int) -> tuple[str, list[int]]:
         """``(text fed to the tokenizer, its token ids)`` of prompt ``i``, checked against the context length."""

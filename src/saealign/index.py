@@ -93,9 +93,11 @@ def shard_statistics(
     enc = [tok(t, truncation=True, max_length=cfg.max_seq_len)["input_ids"] for t in texts]  # type: ignore[operator]
     order = sorted(range(len(texts)), key=lambda i: len(enc[i]))
     d_sae = sae.d_sae
-    sums = torch.zeros(len(texts), d_sae)
-    maxes = torch.zeros(len(texts), d_sae)
-    counts = torch.zeros(len(texts), d_sae)
+    # Statistics are gathered sparsely, as (prompt, latent, value) triples of the active latents: dense
+    # [prompts, d_sae] accumulators with index_add/scatter_reduce made the build 2.4x slower than the raw
+    # forward + embeddings (bench_index).
+    keys: list[np.ndarray] = []
+    values: list[np.ndarray] = []
     n_tokens = np.zeros(len(texts), dtype=np.int32)
     for b in range(0, len(order), cfg.batch_size):
         rows = order[b : b + cfg.batch_size]
@@ -108,20 +110,34 @@ def shard_statistics(
         keep = content_mask(ids, mask, special)
         x = residuals_at(lm.model, cfg.layer, ids, mask)[keep]
         acts = sae.encode(x).float()
+        token, latent = acts.nonzero(as_tuple=True)
         owner = torch.tensor(rows)[keep.nonzero()[:, 0]]
-        sums.index_add_(0, owner, acts)
-        counts.index_add_(0, owner, (acts > 0).float())
-        maxes.scatter_reduce_(0, owner.unsqueeze(1).expand_as(acts), acts, reduce="amax")
+        keys.append((owner[token].long() * d_sae + latent).numpy())
+        values.append(acts[token, latent].numpy())
         n_tokens[rows] = keep.sum(dim=1).numpy()
-    pattern = sp.csr_matrix(sums.numpy())
-    pattern.sort_indices()
-    rows_idx = np.repeat(np.arange(len(texts)), np.diff(pattern.indptr))
-    return (
-        pattern.astype(np.float32),
-        maxes.numpy()[rows_idx, pattern.indices].astype(np.float32),
-        counts.numpy()[rows_idx, pattern.indices].astype(np.float32),
-        n_tokens,
-    )
+    return _combine(np.concatenate(keys) if keys else np.zeros(0, np.int64),
+                    np.concatenate(values) if values else np.zeros(0, np.float32), len(texts), d_sae) + (n_tokens,)
+
+
+def _combine(keys: np.ndarray, values: np.ndarray, n: int, d_sae: int
+             ) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """Per (prompt, latent) sum, max and count of token activations, from ``prompt * d_sae + latent`` keys.
+
+    Returns ``(CSR [n, d_sae] of sums (sorted indices), max data, count data)``, data aligned with the CSR.
+    """
+    order = np.argsort(keys, kind="stable")
+    keys, values = keys[order], values[order].astype(np.float32)
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, np.int64)
+    unique = keys[starts]
+    sums = np.add.reduceat(values, starts) if len(keys) else np.zeros(0, np.float32)
+    maxes = np.maximum.reduceat(values, starts) if len(keys) else np.zeros(0, np.float32)
+    counts = np.add.reduceat((values > 0).astype(np.float32), starts) if len(keys) else np.zeros(0, np.float32)
+    live = sums != 0  # a dense matrix would not store an exact zero sum either
+    unique, sums, maxes, counts = unique[live], sums[live], np.maximum(maxes[live], 0), counts[live]
+    rows, cols = unique // d_sae, unique % d_sae
+    indptr = np.searchsorted(rows, np.arange(n + 1)).astype(np.int64)
+    pattern = sp.csr_matrix((sums.astype(np.float32), cols.astype(np.int32), indptr), shape=(n, d_sae))
+    return pattern, maxes.astype(np.float32), counts.astype(np.float32)
 
 
 def _embedding_shard(store: Path, shard: int, texts: list[str], embedder: TextEmbedder) -> np.ndarray:

@@ -109,7 +109,8 @@ class GenerateRequest(BaseModel):
     topic_texts: list[str] | None = None
     method: Method | None = Field(None, description="default: swap with a topic, none without")
     mode: Mode = "error"
-    strength: float = 1.0
+    strength: float | Literal["auto"] = Field("auto", description="Swap/Weight: scores**strength (1 = the paper); "
+                                             "auto = strongest within +15 % perplexity, searched once per topic")
     max_new_tokens: int | None = Field(None, description="default: 64 or the server's limit if lower")
     top_k: int = 5
     temperature: float = 1.0
@@ -161,8 +162,12 @@ class TopicStore:
                  "prompts": int(scores.n_prompts[i]),
                  "examples": [t for t, _ in await self.run(index.top_texts, i, examples)] if index else []}
                 for i in scores.top(top)]  # fmt: skip
+        # strengths chosen by "auto" so far (searched on the first generation that asks for one)
+        auto = [{"method": c["method"], "mode": c["mode"], "strength": c["strength"], "ppl_ratio": c["ppl_ratio"],
+                 "distance": c["distance"], "base_distance": c["base_distance"], "seconds": c["seconds"]}
+                for c in scores.extra.get("auto_strength", {}).values()]
         return {"id": topic_id, "texts": len(scores.topic_texts), "scored": int(scores.scored.sum()),
-                "note": scores.note, "top_latents": rows}
+                "note": scores.note, "top_latents": rows, "auto_strength": auto}
 
 
 class ServerState:
@@ -187,7 +192,7 @@ class ServerState:
             return await self.topics.create(texts)
         return None, None
 
-    def options(self, topic: TopicScores | None, method: str | None, mode: str, strength: float,
+    def options(self, topic: TopicScores | None, method: str | None, mode: str, strength: float | str,
                 max_new_tokens: int | None, top_k: int, temperature: float, greedy: bool, chat: bool) -> GenOptions:
         """Checked generation options (400 with the library's message when one is wrong)."""
         method = method or ("swap" if topic is not None else "none")
@@ -198,9 +203,10 @@ class ServerState:
                                 f"{self.limits.max_new_tokens}: ask for fewer")
         if method in ("clamp", "swap", "weight") and topic is None:
             raise ApiError(400, f"method {method!r} needs a topic: give a topic id or topic texts, or method 'none'")
-        options = GenOptions(method, mode, float(strength), max_new_tokens, top_k, float(temperature), greedy, chat)
+        strength = strength if strength == "auto" else float(strength)
+        options = GenOptions(method, mode, strength, max_new_tokens, top_k, float(temperature), greedy, chat)
         Sampling(max_new_tokens, top_k, temperature, greedy)  # raise SaealignError now, not inside a batch
-        Steering(method, mode, strength=strength)
+        Steering(method, mode, strength=1.0 if strength == "auto" else strength)
         return options
 
     def prompts(self, prompt: str | None, prompts: list[str] | None) -> list[str]:

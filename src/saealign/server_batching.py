@@ -37,7 +37,8 @@ class GenOptions:
 
     method: str = "swap"
     mode: str = "error"
-    strength: float = 1.0
+    strength: float | str = "auto"
+    """A number, or ``auto`` (resolved per topic by the aligner, so rows of one batch may differ)."""
     max_new_tokens: int = 64
     top_k: int = 5
     temperature: float = 1.0

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
@@ -27,6 +27,7 @@ from saealign.server import ApiError, GenerateRequest, Method, Mode, TopicReques
 from saealign.server_batching import GenOptions, StreamEnd, StreamJob
 
 if TYPE_CHECKING:
+    from saealign.scoring import TopicScores
     from saealign.server import ServerState
 
 FINISH = {"eos": "stop", "length": "length"}
@@ -37,7 +38,7 @@ class SaealignOptions(BaseModel):
     method: Method | None = None
     """Default: swap with a topic, none without."""
     mode: Mode = "error"
-    strength: float = 1.0
+    strength: float | Literal["auto"] = "auto"
     top_k: int = 5
     greedy: bool = False
 
@@ -181,7 +182,8 @@ async def _generate_events(state: ServerState, request: Request, job: StreamJob,
                        "token_contamination": contamination if job.topic is not None else None,
                        "contamination": sum(contamination) / len(contamination) if contamination else None,
                        "finish_reason": item.finish_reason, "prompt_tokens": item.prompt_tokens,
-                       "method": o.method, "mode": o.mode, "strength": o.strength, "seed": job.seed,
+                       "method": o.method, "mode": o.mode, "strength": _strength_used(state, job.topic, o),
+                       "seed": job.seed,
                        "topic_id": topic_id}, event="done")
         else:
             yield sse({"error": item.message}, event="error")
@@ -239,7 +241,15 @@ async def _openai(state: ServerState, request: Request, body: OpenAIRequest, pro
     return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                       "total_tokens": prompt_tokens + completion},
-            "saealign": {"topic_id": topic_id, **_options_json(options), "batch": result.batch}}
+            "saealign": {"topic_id": topic_id, **_options_json(options), "batch": result.batch,
+                         "strength_used": [g.strength for g in result.generations]}}
+
+
+def _strength_used(state: ServerState, topic: TopicScores | None, o: GenOptions) -> float | str:
+    """The number an ``auto`` strength resolved to (the stream's search cached it on the topic)."""
+    if o.strength != "auto" or topic is None or o.method not in ("swap", "weight"):
+        return 1.0 if o.strength == "auto" else o.strength
+    return state.aligner.auto_strength(topic, o.method, o.mode).strength
 
 
 def _options_json(o: GenOptions) -> dict[str, Any]:

@@ -19,6 +19,7 @@ Output modes: ``replace`` (the paper) writes ``dec(a')`` into the residual strea
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -158,8 +159,18 @@ def _decoded_change(sae: SAE, x: Tensor, a_edit: Tensor, a: Tensor) -> Tensor:
 
     Subtracting two full decodes would leave float rounding even when nothing changed.
     Layer-norm SAEs rescale their decode by the input's ``std`` (the mean cancels).
+
+    The change is sparse (a TopK edit touches at most 2k of d_sae latents per token), so on the CPU
+    it is decoded as a CSR matrix: 6-8x cheaper than the dense product at batch 8 (bench_generate).
     """
-    delta = (a_edit - a) @ sae.W_dec
+    diff = a_edit - a
+    if diff.device.type == "cpu" and diff.dtype in (torch.float32, torch.float64):
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product itself is stable
+            warnings.simplefilter("ignore", UserWarning)
+            flat = diff.reshape(-1, diff.shape[-1]).to_sparse_csr()
+            delta = (flat @ sae.W_dec).reshape(*diff.shape[:-1], sae.d_in)
+    else:
+        delta = diff @ sae.W_dec
     if sae.cfg.normalize_input == "layer_norm":
         _, _, std = sae._standardise(x.to(sae.dtype))
         delta = delta * std
@@ -172,10 +183,13 @@ def apply_edit(
     steering: Steering,
     scores: Tensor,
     max_act: Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> EditOutput:
     """Edit the latents of ``x [..., d_in]`` as ``steering`` says; see the module docstring.
 
     ``scores [d_sae] | [batch, d_sae]`` in [0, 1] (1 = aligned); ``max_act [d_sae]`` is needed by clamp.
+    ``weights`` (same shapes as ``scores``) replaces ``steering.weights(scores)`` for Swap/Weight, e.g. to
+    give each row of a batch its own strength.
     The SAE maths runs in the SAE's dtype; ``out`` comes back in x's dtype. In ``error`` mode x is
     never rounded to the SAE's dtype: only the change is, so an unedited token is returned bit for bit.
     """
@@ -199,10 +213,10 @@ def apply_edit(
             a_edit = edit_clamp(
                 sae, gamma, scores, max_act.to(x.device), steering.clamp_n, steering.clamp_multiplier
             )
-        elif steering.method == "swap":
-            a_edit = edit_swap(sae, gamma, steering.weights(scores))
         else:
-            a_edit = edit_weight(sae, gamma, steering.weights(scores))
+            w = steering.weights(scores) if weights is None else weights.to(x.device, sae.dtype)
+            edit = edit_swap if steering.method == "swap" else edit_weight
+            a_edit = edit(sae, gamma, w)
 
         if steering.method == "none":
             out = x
@@ -249,7 +263,10 @@ class SteeringHook:
         scores: Tensor,
         max_act: Tensor | None = None,
         record: bool = True,
+        weights: Tensor | None = None,
     ) -> None:
+        if weights is not None and weights.shape != scores.shape:
+            raise SaealignError(f"weights of shape {tuple(weights.shape)} must match scores {tuple(scores.shape)}")
         if scores.dim() not in (1, 2) or scores.shape[-1] != sae.d_sae:
             raise SaealignError(
                 f"scores of shape {tuple(scores.shape)} do not fit an SAE of {sae.d_sae} latents: "
@@ -263,6 +280,8 @@ class SteeringHook:
         self.steering = steering
         self.scores = scores
         self.max_act = max_act
+        self.weights = weights
+        """Swap/Weight weights overriding ``steering.weights(scores)`` (per-row strengths), or None."""
         self.record = record
         self.contamination: list[Tensor] = []
         """One ``[batch, seq]`` float32 tensor per forward call."""
@@ -281,7 +300,7 @@ class SteeringHook:
         if self.steering.method == "none" and not self.record:
             return None  # nothing to change and nothing to measure: skip the SAE entirely
         hidden = output if isinstance(output, Tensor) else output[0]  # type: ignore[index]
-        res = apply_edit(self.sae, hidden, self.steering, self.scores, self.max_act)
+        res = apply_edit(self.sae, hidden, self.steering, self.scores, self.max_act, self.weights)
         out, contam, n_changed, n_active = res.out, res.contamination, res.n_changed, res.n_active
         if self.keep is not None:
             keep = self.keep.to(hidden.device)

@@ -70,3 +70,32 @@ def scatter_plot(path: Path, rows: Sequence[dict[str, Any]], x: str, y: str, lab
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def line_plot(path: Path, series: dict[str, Sequence[tuple[float, float, float, float]]], xlabel: str, ylabel: str,
+              title: str, logx: bool = False) -> bool:
+    """Lines with min/max bars: ``series`` maps a name to ``(x, y, y_low, y_high)`` points. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in series.items():
+        xs, ys, lo, hi = (list(v) for v in zip(*points, strict=True)) if points else ([], [], [], [])
+        ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo, strict=True)], [b - y for y, b in zip(ys, hi, strict=True)]],
+                    marker="o", capsize=3, label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -143,6 +143,12 @@ async function readEvents(response, onEvent) {
   }
 }
 
+function strengthValue() {
+  // "auto" (the server searches the strongest fluent strength per topic) or a number
+  const v = $("strength").value.trim();
+  return v === "" || v === "auto" ? "auto" : Number(v);
+}
+
 async function streamInto(outputId, summaryId, request, signal) {
   const output = $(outputId);
   output.replaceChildren();
@@ -155,7 +161,8 @@ async function streamInto(outputId, summaryId, request, signal) {
     if (name === "message") addToken(output, data);
     else if (name === "done") {
       const c = data.contamination === null ? "" : `, mean contamination ${data.contamination.toFixed(3)}`;
-      say(summaryId, `(${data.token_ids.length} tokens${c})`);
+      const s = request.method === "none" ? "" : `, strength ${data.strength}`;
+      say(summaryId, `(${data.token_ids.length} tokens${c}${s})`);
       output.dataset.done = "true";
     } else if (name === "error") throw new Error(data.error);
   });
@@ -175,7 +182,7 @@ async function generate() {
     }
     say("status", "generating...");
     const common = {
-      prompt, topic_id: topic.id, mode: $("mode").value, strength: Number($("strength").value),
+      prompt, topic_id: topic.id, mode: $("mode").value, strength: strengthValue(),
       max_new_tokens: Number($("max-new-tokens").value), seed: Number($("seed").value), stream: true,
     };
     for (const id of ["plain-output", "steered-output"]) delete $(id).dataset.done;

@@ -1,0 +1,205 @@
+"""``strength="auto"``: the strongest steering that keeps the text fluent, found per topic in seconds.
+
+Swap (and Weight) weight the pre-activations by ``scores ** strength`` (:class:`saealign.steer.Steering`):
+``strength=1`` is the paper's Swap, ``0`` gives every latent weight 1 (the plain SAE: in ``error`` mode
+no edit at all), larger values let only the best-scored latents win. Stronger moves text further
+toward the topic and, past some point, breaks fluency. The paper leaves the trade-off to the user;
+its constraint C3 says users should not tune parameters. So, per topic:
+
+1. continue a small fixed set of neutral prompts (shipped with the package) unsteered, with fixed
+   seeds, and measure the perplexity of those continuations under the unsteered model itself;
+2. for each candidate strength, ascending, continue the same prompts with the same seeds steered,
+   and measure (a) the perplexity of the steered continuations under the *unsteered* model and
+   (b) their mean min-distance to the topic texts (MiniLM, as the evaluation does);
+3. keep the strength with the smallest distance among those whose perplexity stays within the
+   fluency budget (default +15 %); stop at the first candidate over budget (stronger ones only get
+   worse). If none fits, the strength is 0: no steering, said so in the choice.
+
+Everything is seeded, so the choice is deterministic; it is cached in the topic's
+``TopicScores.extra`` and saved with it. Common random numbers (the same seeds for every strength)
+keep the comparison between strengths far less noisy than the perplexities themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from saealign.cache import hash_json
+from saealign.embed import min_distances
+from saealign.errors import SaealignError
+from saealign.models import LoadedModel
+
+if TYPE_CHECKING:
+    from saealign.generate import Aligner
+    from saealign.scoring import TopicScores
+
+NEUTRAL_PROMPTS = Path(__file__).parent / "data" / "neutral_prompts.txt"
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class AutoStrengthConfig:
+    """How the automatic strength is searched. The defaults take a few seconds on a 2-core CPU."""
+
+    budget: float = 0.15
+    """Allowed perplexity increase of steered over unsteered continuations (0.15 = +15 %)."""
+    strengths: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+    """Candidates, tried in ascending order."""
+    n_prompts: int = 16
+    """Neutral prompts continued per candidate (the first n of the shipped file)."""
+    max_new_tokens: int = 24
+    top_k: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.budget > 0:
+            raise SaealignError(f"the fluency budget must be > 0 (e.g. 0.15 for +15 %), got {self.budget}")
+        if not self.strengths or any(not s > 0 for s in self.strengths):
+            raise SaealignError(f"candidate strengths must be positive numbers, got {self.strengths}")
+        if self.n_prompts < 1 or self.max_new_tokens < 1 or self.top_k < 1:
+            raise SaealignError("n_prompts, max_new_tokens and top_k must be at least 1")
+
+    def key(self) -> str:
+        return hash_json(asdict(self))[:12]
+
+
+@dataclass
+class StrengthChoice:
+    """What the search chose and measured (JSON round-trips through :meth:`to_json`/:meth:`from_json`)."""
+
+    strength: float
+    """The chosen strength (0 = no candidate fitted the budget: steering is off)."""
+    ppl_ratio: float
+    """Perplexity of the chosen strength's continuations over the unsteered ones (1.0 at strength 0)."""
+    distance: float
+    """Mean min-distance of the chosen strength's continuations to the topic texts."""
+    base_ppl: float
+    base_distance: float
+    budget: float
+    method: str
+    mode: str
+    seconds: float
+    trials: list[dict[str, float]] = field(default_factory=list)
+    """One ``{strength, ppl, ppl_ratio, distance}`` per candidate tried."""
+
+    @property
+    def gap_closed(self) -> float:
+        """Share of the unsteered distance removed (``1 − distance / base_distance``); 0 when unsteered."""
+        return 1 - self.distance / self.base_distance if self.base_distance else 0.0
+
+    def describe(self) -> str:
+        if self.strength == 0:
+            return (f"strength auto -> 0 (no candidate kept perplexity within +{self.budget:.0%}: steering off; "
+                    f"searched in {self.seconds:.1f} s)")
+        return (f"strength auto -> {self.strength:g} (perplexity {self.ppl_ratio - 1:+.1%} of unsteered, budget "
+                f"+{self.budget:.0%}; distance to topic {self.base_distance:.3f} -> {self.distance:.3f}; "
+                f"searched in {self.seconds:.1f} s)")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StrengthChoice:
+        return cls(**data)
+
+
+def neutral_prompts(n: int) -> list[str]:
+    """The first ``n`` of the package's neutral prompts (everyday sentence openings, no topic)."""
+    prompts = [line.strip() for line in NEUTRAL_PROMPTS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if n > len(prompts):
+        raise SaealignError(f"the package ships {len(prompts)} neutral prompts; n_prompts={n} is too many")
+    return prompts[:n]
+
+
+@torch.inference_mode()
+def continuation_nll(lm: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_ids: Sequence[Sequence[int]],
+                     batch: int = 16) -> tuple[float, int]:
+    """``(summed NLL in nats, tokens)`` of the ``new_ids`` continuations given ``prompt_ids``, under ``lm``.
+
+    Works on token ids (no re-tokenisation of decoded text), right-padded, the model unsteered.
+    """
+    total, count = 0.0, 0
+    device = next(lm.model.parameters()).device
+    for b in range(0, len(prompt_ids), batch):
+        rows = [(list(p), list(c)) for p, c in zip(prompt_ids[b : b + batch], new_ids[b : b + batch], strict=True)]
+        rows = [(p, c) for p, c in rows if c]
+        if not rows:
+            continue
+        width = max(len(p) + len(c) for p, c in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (p, c) in enumerate(rows):
+            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, : len(p) + len(c)] = 1
+        logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll = -logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        for i, (p, c) in enumerate(rows):
+            total += float(nll[i, len(p) - 1 : len(p) + len(c) - 1].sum())
+            count += len(c)
+    return total, count
+
+
+class _Probe:
+    """The neutral prompts, their ids and the unsteered measurements, shared by every topic."""
+
+    def __init__(self, aligner: Aligner, cfg: AutoStrengthConfig) -> None:
+        self.prompts = neutral_prompts(cfg.n_prompts)
+        tok: Any = aligner.lm.tokenizer
+        self.prompt_ids = [list(tok(p)["input_ids"]) for p in self.prompts]
+        base = aligner.generate(self.prompts, method="none", max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k,
+                                seed=cfg.seed)
+        self.base_texts = [g.text for g in base]
+        nll, n = continuation_nll(aligner.lm, self.prompt_ids, [g.token_ids for g in base])
+        self.base_ppl = math.exp(nll / n)
+
+
+def _distance(aligner: Aligner, texts: list[str], topic_embeddings: np.ndarray) -> float:
+    assert aligner.embedder is not None
+    safe = [t if t.strip() else "." for t in texts]  # an empty continuation still gets a (large) distance
+    return float(min_distances(aligner.embedder.embed(safe), topic_embeddings).mean())
+
+
+def choose_strength(aligner: Aligner, topic: TopicScores, method: str = "swap", mode: str = "error",
+                    cfg: AutoStrengthConfig | None = None) -> StrengthChoice:
+    """Search the strength for ``topic`` as the module docstring says (no caching: see :meth:`Aligner.auto_strength`)."""
+    cfg = cfg or AutoStrengthConfig()
+    if aligner.embedder is None:
+        raise SaealignError("strength='auto' measures distance to the topic texts and needs an embedder: "
+                            "pass embedder= to Aligner, or give a number as the strength")
+    if not topic.topic_texts:
+        raise SaealignError("strength='auto' needs the topic's texts (these scores carry none): give a number")
+    start = time.perf_counter()
+    probe = aligner._auto_probe(cfg)
+    topic_emb = aligner.embedder.embed(list(topic.topic_texts))
+    base_distance = _distance(aligner, probe.base_texts, topic_emb)
+    trials: list[dict[str, float]] = []
+    best = (0.0, 1.0, base_distance)  # (strength, ppl ratio, distance); strength 0 = unsteered
+    for s in sorted(cfg.strengths):
+        gens = aligner.generate(probe.prompts, topic=topic, method=method, mode=mode, strength=s,
+                                max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, seed=cfg.seed)
+        nll, n = continuation_nll(aligner.lm, probe.prompt_ids, [g.token_ids for g in gens])
+        ppl = math.exp(nll / n)
+        ratio = ppl / probe.base_ppl
+        distance = _distance(aligner, [g.text for g in gens], topic_emb)
+        trials.append({"strength": s, "ppl": ppl, "ppl_ratio": ratio, "distance": distance})
+        if ratio > 1 + cfg.budget:
+            break  # stronger candidates only cost more fluency
+        if distance < best[2]:
+            best = (s, ratio, distance)
+    return StrengthChoice(strength=best[0], ppl_ratio=best[1], distance=best[2], base_ppl=probe.base_ppl,
+                          base_distance=base_distance, budget=cfg.budget, method=method, mode=mode,
+                          seconds=time.perf_counter() - start, trials=trials)
+
+
+def cache_key(aligner: Aligner, method: str, mode: str, cfg: AutoStrengthConfig) -> str:
+    """Where a choice lives in ``TopicScores.extra["auto_strength"]``: it holds for this model, SAE, layer and search."""
+    return f"{aligner.lm.key[:8]}-{aligner.sae_key[:8]}-L{aligner.layer}-{method}-{mode}-{cfg.key()}"

@@ -1,0 +1,71 @@
+"""What saealign costs on this machine (the paper's Tables 3 and 4), next to fine-tuning.
+
+Stages: set-up once per model/SAE (load; the reference index build, read from the index's own
+timings), once per topic (scoring, the automatic strength search), and per generation (plain vs
+Swap, per prompt and per token, same batch, same process), against fine-tuning the model on the
+same topic texts (LoRA and full, the standard recipe of :mod:`saealign.finetune`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from saealign.generate import Aligner
+
+if TYPE_CHECKING:
+    from saealign.finetune import FineTuned
+
+
+def _row(stage: str, seconds: float, unit: str, note: str = "") -> dict[str, Any]:
+    return {"stage": stage, "seconds": seconds, "unit": unit, "note": note}
+
+
+def measure_cost(make_aligner: Callable[[], Aligner], topic_texts: list[str], prompts: list[str],
+                 max_new_tokens: int = 64, finetune: Callable[[Aligner, str], FineTuned] | None = None
+                 ) -> list[dict[str, Any]]:
+    """Rows ``{stage, seconds, unit, note}``; every figure is measured in this call except the index build.
+
+    ``finetune(aligner, "lora" | "full")`` returns a timed fine-tuning of the model on ``topic_texts``
+    (``eval all`` passes one that reuses the models its generation experiments trained).
+    """
+    start = time.perf_counter()
+    aligner = make_aligner()
+    rows = [_row("load model + SAE + index (cached)", time.perf_counter() - start, "once per process",
+                 f"model load {aligner.lm.load_seconds:.1f} s")]
+    if aligner.index is not None:
+        timings = aligner.index.manifest.get("timings") or {}
+        stage = f"build reference index ({aligner.index.n_prompts} prompts)"
+        if timings:
+            rows.append(_row(stage, sum(float(v) for v in timings.values()), "once per model/SAE/layer",
+                             "measured when the index was built: "
+                             + ", ".join(f"{k} {float(v):.1f} s" for k, v in timings.items())))
+        else:  # an index written before builds were timed: say so rather than report 0 s
+            rows.append(_row(stage, float("nan"), "once per model/SAE/layer", "not recorded by this index"))
+    t = time.perf_counter()
+    topic = aligner.topic(topic_texts)
+    rows.append(_row(f"score a topic ({len(topic_texts)} texts)", time.perf_counter() - t, "per topic",
+                     "MiniLM embeddings + sparse products; the LLM does not run"))
+    t = time.perf_counter()
+    choice = aligner.auto_strength(topic)
+    rows.append(_row("automatic strength search", time.perf_counter() - t, "per topic", choice.describe()))
+    per_token = {}
+    for method in ("none", "swap"):
+        t = time.perf_counter()
+        gens = aligner.generate(prompts, topic=topic if method != "none" else None, method=method, strength=1.0,
+                                max_new_tokens=max_new_tokens, seed=0)
+        seconds = time.perf_counter() - t
+        tokens = sum(len(g.token_ids) for g in gens)
+        per_token[method] = seconds / tokens
+        label = "plain generation" if method == "none" else "Swap generation"
+        rows.append(_row(f"{label}, batch {len(prompts)}", seconds / len(prompts), "per prompt",
+                         f"{max_new_tokens} new tokens, {tokens} tokens in {seconds:.1f} s"))
+        rows.append(_row(f"{label}, batch {len(prompts)}", seconds / tokens, "per token", ""))
+    rows[-1]["note"] = f"steered / plain = {per_token['swap'] / per_token['none']:.3f}x"
+    for method in ("lora", "full"):
+        if finetune is not None:
+            tuned = finetune(aligner, method)
+            rows.append(_row(f"fine-tune ({method}, {tuned.config.epochs} epochs)", tuned.seconds, "per topic",
+                             f"{tuned.tokens_seen} tokens, final loss {tuned.losses[-1]:.3f}"))
+    return rows
