@@ -131,7 +131,7 @@ def main() -> int:
     try:
         r = httpx.post(f"{url}/v1/topics", json={"texts": TOPIC}, timeout=120)
         r.raise_for_status()
-        topic_id = r.json()["topic_id"]
+        topic_id = r.json()["id"]
         asyncio.run(run_phase(url, "warm-up", 1, 1.0, topic_id, 4))
         sequential = asyncio.run(run_phase(url, "sequential", 1, args.seconds, topic_id, args.tokens))
         concurrent = asyncio.run(run_phase(url, f"{args.clients} clients", args.clients, args.seconds, topic_id,

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_llama, make_sae, make_tokenizer
 
 import saealign.autostrength as auto_mod
+from conftest import make_llama, make_sae, make_tokenizer
 from saealign.autostrength import AutoStrengthConfig, continuation_nll, neutral_prompts
 from saealign.embed import HashingEmbedder
 from saealign.errors import SaealignError
@@ -41,18 +41,21 @@ def topic(sae: SAE, seed: int, value: float | None = None) -> TopicScores:
                        sae_key=sae_key(sae))
 
 
-def test_choice_keeps_the_budget_and_is_the_closest_within_it(sae: SAE) -> None:
+def test_choice_is_the_strongest_within_the_budget_of_the_monotone_fit(sae: SAE) -> None:
     for budget in (0.05, 0.5, 100.0):
         aligner = make(sae, AutoStrengthConfig(**{**FAST.__dict__, "budget": budget}))
         choice = aligner.auto_strength(topic(sae, 1))
-        within = [t for t in choice.trials if t["ppl_ratio"] <= 1 + budget]
-        over = [t for t in choice.trials if t["ppl_ratio"] > 1 + budget]
-        assert len(over) <= 1 and (not over or over[0] is choice.trials[-1])  # stops at the first over budget
-        assert [t["strength"] for t in choice.trials] == list(FAST.strengths[: len(choice.trials)])
-        best = min([{"strength": 0.0, "distance": choice.base_distance, "ppl_ratio": 1.0}, *within],
-                   key=lambda t: (t["distance"], t["strength"]))
-        assert choice.strength == best["strength"] and choice.distance == best["distance"]
-        assert choice.ppl_ratio <= 1 + budget
+        assert [t["strength"] for t in choice.trials] == sorted(FAST.strengths)  # every candidate measured
+        fit = [t["ppl_ratio_fit"] for t in choice.trials]
+        assert fit == auto_mod.isotonic([t["ppl_ratio"] for t in choice.trials])
+        within = [t for t in choice.trials if t["ppl_ratio_fit"] <= 1 + budget and t["distance"] < choice.base_distance]
+        assert choice.strength == (within[-1]["strength"] if within else 0.0)
+
+
+def test_isotonic_fit_by_hand() -> None:
+    assert auto_mod.isotonic([1.0, 0.8, 1.1, 1.5, 1.9, 1.8]) == pytest.approx([0.9, 0.9, 1.1, 1.5, 1.85, 1.85])
+    assert auto_mod.isotonic([3.0, 2.0, 1.0]) == [2.0, 2.0, 2.0]
+    assert auto_mod.isotonic([1.0, 2.0]) == [1.0, 2.0] and auto_mod.isotonic([]) == []
 
 
 def test_equal_scores_change_nothing_so_auto_keeps_steering_off(sae: SAE) -> None:
@@ -127,3 +130,17 @@ def test_bad_input(sae: SAE) -> None:
     assert no_embedder.generate(PROMPTS, topic(sae, 1), strength=1, max_new_tokens=2)  # a number needs none
     with pytest.raises(SaealignError, match="neutral prompts"):
         neutral_prompts(10_000)
+
+
+def test_one_batch_search_equals_one_call_per_candidate(sae: SAE) -> None:
+    aligner = make(sae)
+    t = topic(sae, 9)
+    choice = aligner.auto_strength(t)
+    probe = aligner._auto_probe(FAST)
+    emb = aligner.embedder.embed(t.topic_texts)  # type: ignore[union-attr]
+    for trial in choice.trials:
+        gens = aligner.generate(probe.prompts, t, strength=trial["strength"], max_new_tokens=FAST.max_new_tokens,
+                                top_k=FAST.top_k, seed=FAST.seed)
+        nll, n = continuation_nll(aligner.lm, probe.prompt_ids, [g.token_ids for g in gens])
+        assert trial["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+        assert trial["distance"] == pytest.approx(auto_mod._distance(aligner, [g.text for g in gens], emb), rel=1e-6)

@@ -289,7 +289,7 @@ def test_eval_commands_without_data_fail_in_one_line(tmp_path: Path) -> None:
     empty.mkdir()
     missing = tmp_path / "missing"
     assert_one_error_line(run("eval", "generation", "--data", missing), "shared data folder", "--data")
-    assert_one_error_line(run("eval", "generation", "--data", empty), "medical_metaphors.txt not found")
+    assert_one_error_line(run("eval", "generation", "--data", empty), "medical_medquad.jsonl.gz not found")
     assert_one_error_line(run("eval", "topic-signal", "--data", missing), "--data")
     assert_one_error_line(run("eval", "topic-signal", "--data", empty), "medical_medquad.jsonl.gz not found")
     few = write_data(tmp_path / "few", n_medquad=5)
@@ -313,13 +313,13 @@ GEN_ARGS = ("--layers", 0, "--methods", "none,swap", "--modes", "error", "--n-to
 @pytest.mark.usefixtures("tiny_stack")
 def test_eval_generation_command_writes_reports(tmp_path: Path) -> None:
     data, out = write_data(tmp_path / "data"), tmp_path / "out"
-    result = run("eval", "generation", "--data", data, *GEN_ARGS, "--seeds", "0,1", "--out", out)
+    result = run("eval", "generation", "--data", data, *GEN_ARGS, "--seeds", "0,1", "--baselines", "", "--out", out)
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "generation.json").read_text())
     assert [r["method"] for r in saved["rows"]] == ["none", "swap"]
     assert saved["setup"]["seeds"] == [0, 1] and saved["reference"]["heldout_texts"] == 4
     md = (out / "generation.md").read_text()
-    assert "| layer | method | mode | strength | distance | ppl |" in md and md in result.output
+    assert "| label | distance | gap_closed | ppl | ppl_ratio |" in md and md in result.output
     assert (out / "generation.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "generation.csv").read_text().startswith("label,kind,layer,method,mode,strength,strength_used,seconds,distance")
 

@@ -363,4 +363,4 @@ def serve_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path | No
 
 
 # The eval group lives in its own module; importing it registers its commands on ``main``.
-from saealign import cli_eval, cli_eval_all, cli_eval_paper  # noqa: E402,F401
+from saealign import cli_eval  # noqa: E402,F401

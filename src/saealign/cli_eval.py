@@ -45,11 +45,17 @@ def topic_split(texts: list[str], n_topic: int, n_heldout: int, seed: int = 0) -
     return picked[:n_topic], picked[n_topic:]
 
 
+_ALIGNERS: dict[int, Aligner] = {}
+
+
 def _aligner_for(layer: int) -> Aligner:
+    """The default stack at ``layer``, built once per process (``eval all`` asks for it in every experiment)."""
     from saealign.defaults import load_stack
     from saealign.generate import Aligner
 
-    return Aligner(*load_stack(layer=layer))
+    if layer not in _ALIGNERS:
+        _ALIGNERS[layer] = Aligner(*load_stack(layer=layer))
+    return _ALIGNERS[layer]
 
 
 @main.group("eval")
@@ -130,15 +136,24 @@ def generation_cmd(layers: str, methods: str, modes: str, seeds: str, strengths:
     Measures distance to held-out topic text, judge perplexity, contamination, repetition.
     Example: saealign eval generation --layers 15 --modes error --seeds 0 --baselines prompt
     """
-    from saealign.cli_eval_suite import generation_table, parse_baselines, parse_strengths, suite_options
+    from saealign.cli_eval_suite import (
+        generation_table,
+        parse_baselines,
+        parse_strengths,
+        suite_options,
+        topic_inputs,
+    )
 
     bad = [m for m in methods.split(",") if m not in ("none", "sae", "clamp", "swap", "weight")]
     bad += [m for m in modes.split(",") if m not in ("error", "replace")]
     if bad:
         raise SaealignError(f"unknown method or mode {', '.join(bad)}: methods none,sae,clamp,swap,weight; modes error,replace")
     strength_list, baseline_list = parse_strengths(strengths), parse_baselines(baselines)
-    _metaphors(data)  # a missing prompt file fails before any model loads
-    topic_split(_jsonl_texts(_data_dir(data) / "topics" / "medical_medquad.jsonl.gz"), n_topic, n_heldout)
+    topic_inputs(_data_dir(data), "medical", n_topic, n_heldout)  # bad data fails before any model loads
     opts = suite_options(data, judge, seeds, max_new_tokens, n_topic, n_heldout, acceptability)
     generation_table(lambda layer: _aligner_for(layer), parse_layers(layers), tuple(methods.split(",")),
                      tuple(modes.split(",")), strength_list, baseline_list, opts, out)
+
+
+# The other eval commands live in their own modules; importing them registers them on ``eval_group``.
+from saealign import cli_eval_all, cli_eval_paper  # noqa: E402,F401

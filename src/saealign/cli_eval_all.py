@@ -3,7 +3,8 @@
 ``eval all --out DIR`` runs each experiment into ``DIR/<name>/`` and writes ``DIR/report.md`` linking
 their tables and plots. A finished experiment (its JSON exists) is skipped on the next run, so an
 interrupted ``eval all`` resumes; ``--force`` reruns everything. ``--quick`` shrinks every experiment
-(one seed, 16 tokens, 4 prompts, fewer strengths and topics) so the whole pipeline runs in minutes.
+(one seed, 16 new tokens, error mode only, the medical topic only, 4 frontier prompts, strengths 1 and 4
+besides auto, LoRA only, a 500-sentence CoLA classifier) so the whole pipeline runs in minutes.
 """
 
 from __future__ import annotations
@@ -129,7 +130,6 @@ def all_cmd(ctx: click.Context, out: Path, quick: bool, layers: str, judge: str,
     }
     # the generated-text experiments judge acceptability with the classifier the acceptability section trained
     ctx.meta[ACCEPTABILITY_MAX_TRAIN] = runs["acceptability"][1]["max_train"]
-    timings: dict[str, float] = {}
     for name in wanted:
         target = out / name
         if (target / f"{name}.json").exists() and not force:
@@ -139,8 +139,9 @@ def all_cmd(ctx: click.Context, out: Path, quick: bool, layers: str, judge: str,
         start = time.perf_counter()
         cmd, kwargs = runs[name]
         ctx.invoke(cmd, **kwargs, out=target)
-        timings[name] = time.perf_counter() - start
-    write_report(out, timings, quick)
+        # after every section, so an interrupted run keeps the wall times (and the report) of what finished
+        write_report(out, {name: time.perf_counter() - start}, quick)
+    write_report(out, {}, quick)
     click.echo(f"wrote {out / 'report.md'}")
 
 
@@ -154,7 +155,7 @@ def write_report(out: Path, timings: dict[str, float], quick: bool) -> None:
     parts = ["# saealign evaluation report" + (" (quick)" if quick else ""), "",
              "Every table below was measured by `saealign eval all` on this machine; raw rows are in each "
              "folder's JSON/CSV.", "", "| experiment | wall time (s) |", "|---|---|"]
-    parts += [f"| {k} | {v:.0f} |" for k, v in known.items()]
+    parts += [f"| {k} | {known[k]:.0f} |" for k in SECTIONS if k in known]
     for name in SECTIONS:
         md = out / name / f"{name}.md"
         if not md.exists():

@@ -144,7 +144,8 @@ def generation_table(aligner_for: Any, layers: tuple[int, ...], methods: tuple[s
 
 def frontier_table(aligner_for: Any, layer: int, topics: tuple[str, ...], strengths: tuple[float, ...],
                    baselines: tuple[str, ...], opts: SuiteOptions, out: Path) -> list[dict[str, Any]]:
-    """Per topic: none, Swap at each strength, Swap auto, Clamp, and the baselines; writes frontier.* into ``out``."""
+    """Per topic: none, Swap at each strength, Swap auto, Clamp, Swap auto on generated positions only, and the
+    baselines; writes frontier.* into ``out``."""
     aligner_for = _once_per_layer(aligner_for)
     all_rows: list[dict[str, Any]] = []
     summary = []
@@ -152,7 +153,9 @@ def frontier_table(aligner_for: Any, layer: int, topics: tuple[str, ...], streng
         conditions = ([Condition(layer=layer)]
                       + [Condition(layer=layer, method="swap", strength=s) for s in strengths]
                       + [Condition(layer=layer, method="swap", strength="auto"),
-                         Condition(layer=layer, method="clamp", mode="replace")]
+                         Condition(layer=layer, method="clamp", mode="replace"),
+                         # beyond the paper: edit only the positions that predict new tokens
+                         Condition(layer=layer, method="swap", strength="auto", steer_prompt=False)]
                       + _baseline_conditions(layer, baselines))
         inputs, _ = _inputs(aligner_for, layer, topic, baselines, opts)
         rows, reference = run_conditions(conditions, aligner_for, inputs)

@@ -161,6 +161,7 @@ def decode_steps(
     eos_ids: set[int],
     hook: SteeringHook | None = None,
     layer: nn.Module | None = None,
+    steer_prompt: bool = True,
 ) -> Iterator[Step]:
     """Generate from the token-id ``rows`` (one prompt each), yielding one :class:`Step` per new token.
 
@@ -179,6 +180,9 @@ def decode_steps(
     cache, cache_name = _new_cache(model), _cache_kwarg(model)
     # The prompt pass leaves padding and each row's first real position unedited (see SteeringHook.keep).
     keep: Tensor | None = (mask == 0) | (mask.cumsum(dim=1) == 1)
+    if not steer_prompt:  # only the positions that predict new tokens: the last prompt position, then generated ones
+        keep = torch.ones_like(mask, dtype=torch.bool)
+        keep[:, -1] = False  # left padding: every row's last prompt token sits in the last column
     feed, pos = ids, positions(mask)
     for step in range(sampling.max_new_tokens):
         logits, contamination, n_changed = _forward(

@@ -96,6 +96,7 @@ class _Plan:
     hook: SteeringHook | None
     strengths: list[float]
     """The strength each row was steered with (``auto`` resolved per topic)."""
+    steer_prompt: bool = True
 
 
 class Aligner:
@@ -157,7 +158,7 @@ class Aligner:
         topic: TopicSpec = None,
         method: str = "swap",
         mode: str = "error",
-        strength: float | str = AUTO,
+        strength: float | str | Sequence[float] = AUTO,
         max_new_tokens: int = 64,
         top_k: int = 5,
         temperature: float = 1.0,
@@ -167,6 +168,7 @@ class Aligner:
         topic_per_row: Sequence[int] | None = None,
         clamp_n: int = 5,
         clamp_multiplier: float = 10.0,
+        steer_prompt: bool = True,
     ) -> list[Generation]:
         """Continue every prompt in one batch, steered by ``method``/``mode`` towards ``topic``.
 
@@ -175,12 +177,15 @@ class Aligner:
         topic in the same batch. ``seed``: one for all rows or one per prompt. ``chat``: wrap each
         prompt in the tokenizer's chat template. Methods and modes: see :mod:`saealign.steer`.
         ``strength``: Swap/Weight use ``scores ** strength`` (1 = the paper); ``"auto"`` picks, per topic,
-        the strongest that keeps perplexity within :attr:`auto_config`'s budget (:meth:`auto_strength`).
+        the strongest that keeps perplexity within :attr:`auto_config`'s budget (:meth:`auto_strength`);
+        a list gives one number per prompt.
+        ``steer_prompt=False`` edits only the positions that predict new tokens (the last prompt position
+        and the generated ones), leaving the prompt's own representation as the model built it.
         """
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         sampling = Sampling(max_new_tokens, top_k, temperature, greedy)
         plan = self._plan(prompt_list, topic, topic_per_row, seed, chat, sampling,
-                          (method, mode, clamp_n, clamp_multiplier, strength))
+                          (method, mode, clamp_n, clamp_multiplier, strength, steer_prompt))
         n = len(prompt_list)
         ids: list[list[int]] = [[] for _ in range(n)]
         pieces: list[list[str]] = [[] for _ in range(n)]
@@ -223,6 +228,7 @@ class Aligner:
         chat: bool = False,
         clamp_n: int = 5,
         clamp_multiplier: float = 10.0,
+        steer_prompt: bool = True,
     ) -> Iterator[TokenEvent]:
         """Yield the tokens of one prompt's continuation as they are produced (same options as :meth:`generate`).
 
@@ -231,7 +237,7 @@ class Aligner:
         """
         sampling = Sampling(max_new_tokens, top_k, temperature, greedy)
         plan = self._plan([prompt], topic, None, seed, chat, sampling,
-                          (method, mode, clamp_n, clamp_multiplier, strength))
+                          (method, mode, clamp_n, clamp_multiplier, strength, steer_prompt))
         return (event for _, event, _, _ in self._events(plan, sampling))
 
     # -- internals -------------------------------------------------------------------------------
@@ -242,7 +248,8 @@ class Aligner:
         pad = getattr(tok, "pad_token_id", None)
         pad = pad if pad is not None else (min(eos) if eos else 0)
         detok = [Detokenizer(tok) for _ in plan.rows]
-        steps = decode_steps(self.lm.model, plan.rows, sampling, plan.generators, pad, eos, plan.hook, self.block)
+        steps = decode_steps(self.lm.model, plan.rows, sampling, plan.generators, pad, eos, plan.hook, self.block,
+                             plan.steer_prompt)
         for step in steps:
             for row in step.active.nonzero().flatten().tolist():
                 token = int(step.token_ids[row])
@@ -273,23 +280,29 @@ class Aligner:
         seed: int | Sequence[int],
         chat: bool,
         sampling: Sampling,
-        how: tuple[str, str, int, float, float | str],
+        how: tuple[str, str, int, float, float | str | Sequence[float], bool],
     ) -> _Plan:
         if not prompts:
             raise SaealignError("no prompts given: pass one prompt or a list of them")
         seeds = [seed] * len(prompts) if isinstance(seed, int) else [int(s) for s in seed]
         if len(seeds) != len(prompts):
             raise SaealignError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one seed, or one per prompt")
-        method, mode, clamp_n, clamp_multiplier, strength = how
+        method, mode, clamp_n, clamp_multiplier, strength, steer_prompt = how
         if isinstance(strength, str) and strength != AUTO:
             raise SaealignError(f"strength must be a number or 'auto', got {strength!r}")
+        if isinstance(strength, Sequence) and not isinstance(strength, str):
+            if len(strength) != len(prompts):
+                raise SaealignError(f"{len(strength)} strengths for {len(prompts)} prompts: give one, or one per prompt")
+            for s in strength:
+                Steering(method, mode, strength=float(s))
         # checks method, mode and a numeric strength before any work (auto resolves to numbers below)
-        steering = Steering(method, mode, clamp_n, clamp_multiplier, 1.0 if strength == AUTO else float(strength))
+        steering = Steering(method, mode, clamp_n, clamp_multiplier,
+                            float(strength) if isinstance(strength, (int, float)) else 1.0)
         texts, rows = zip(*(self._encode(i, p, chat, sampling.max_new_tokens) for i, p in enumerate(prompts)), strict=True)
         topics, per_row = self._topics(topic, topic_per_row, len(prompts))
         if steering.method in ("clamp", "swap", "weight") and not topics:
             raise SaealignError(f"method {steering.method!r} needs a topic: pass topic= (scores or topic texts)")
-        strengths = self._strengths(topics, per_row, method, mode, strength)
+        strengths = self._strengths(topics, per_row, method, mode, strength, steer_prompt)
         hook = None
         device = self.sae.W_enc.device
         if topics:
@@ -304,33 +317,39 @@ class Aligner:
             if len(set(strengths)) == 1:
                 steering = Steering(method, mode, clamp_n, clamp_multiplier, strengths[0])
             else:  # rows steered with different strengths: one weight vector per row
+                if scores.dim() == 1:
+                    scores = scores.expand(len(prompts), -1).contiguous()
                 weights = torch.stack([Steering(method, mode, strength=st).weights(scores[i])
                                        for i, st in enumerate(strengths)])
             hook = SteeringHook(self.sae, steering, scores, max_act, weights=weights)
         elif steering.method == "sae":  # nothing to measure without a topic, but the SAE still edits
             hook = SteeringHook(self.sae, steering, torch.zeros(self.sae.d_sae, device=device), record=False)
         generators = [row_generator(s, t) for s, t in zip(seeds, texts, strict=True)]
-        return _Plan(list(rows), generators, seeds, per_row, hook, strengths)
+        return _Plan(list(rows), generators, seeds, per_row, hook, strengths, steer_prompt)
 
     def _strengths(self, topics: list[TopicScores], per_row: list[int | None], method: str, mode: str,
-                   strength: float | str) -> list[float]:
+                   strength: float | str | Sequence[float], steer_prompt: bool = True) -> list[float]:
         """Each row's numeric strength: ``auto`` resolved per topic for Swap/Weight, 1.0 where unused."""
         if method not in ("swap", "weight"):
-            return [1.0 if strength == AUTO else float(strength)] * len(per_row)
-        if strength != AUTO:
+            return [float(strength) if isinstance(strength, (int, float)) else 1.0] * len(per_row)
+        if isinstance(strength, (int, float)):
             return [float(strength)] * len(per_row)
-        chosen = {i: self.auto_strength(topics[i], method, mode).strength for i in sorted({j for j in per_row if j is not None})}
+        if not isinstance(strength, str):
+            return [float(s) for s in strength]
+        chosen = {i: self.auto_strength(topics[i], method, mode, steer_prompt).strength
+                  for i in sorted({j for j in per_row if j is not None})}
         return [chosen[i] if i is not None else 1.0 for i in per_row]
 
-    def auto_strength(self, topic: TopicScores, method: str = "swap", mode: str = "error") -> StrengthChoice:
+    def auto_strength(self, topic: TopicScores, method: str = "swap", mode: str = "error",
+                      steer_prompt: bool = True) -> StrengthChoice:
         """The strongest Swap/Weight strength within the fluency budget for ``topic`` (searched once, then cached
         in ``topic.extra["auto_strength"]``, which :meth:`TopicScores.save` keeps). See :mod:`saealign.autostrength`."""
         Steering(method, mode)  # a clear error for an unknown method or mode before any search
         topic.check_compatible(self.sae_key, self.sae.d_sae)
-        key = cache_key(self, method, mode, self.auto_config)
+        key = cache_key(self, method, mode, self.auto_config) + ("" if steer_prompt else "-generated-only")
         cached = topic.extra.setdefault("auto_strength", {})
         if key not in cached:
-            cached[key] = choose_strength(self, topic, method, mode, self.auto_config).to_json()
+            cached[key] = choose_strength(self, topic, method, mode, self.auto_config, steer_prompt).to_json()
         return StrengthChoice.from_json(cached[key])
 
     def _auto_probe(self, cfg: AutoStrengthConfig) -> _Probe:

@@ -203,10 +203,11 @@ class ServerState:
                                 f"{self.limits.max_new_tokens}: ask for fewer")
         if method in ("clamp", "swap", "weight") and topic is None:
             raise ApiError(400, f"method {method!r} needs a topic: give a topic id or topic texts, or method 'none'")
-        strength = strength if strength == "auto" else float(strength)
-        options = GenOptions(method, mode, strength, max_new_tokens, top_k, float(temperature), greedy, chat)
+        number = 1.0 if strength == "auto" else float(strength)
+        options = GenOptions(method, mode, "auto" if strength == "auto" else number, max_new_tokens, top_k,
+                             float(temperature), greedy, chat)
         Sampling(max_new_tokens, top_k, temperature, greedy)  # raise SaealignError now, not inside a batch
-        Steering(method, mode, strength=1.0 if strength == "auto" else strength)
+        Steering(method, mode, strength=number)
         return options
 
     def prompts(self, prompt: str | None, prompts: list[str] | None) -> list[str]:

@@ -47,6 +47,8 @@ class Condition:
     """A number or ``auto`` (Swap/Weight)."""
     finetune: str = ""
     """``full`` or ``lora`` for the fine-tuning baseline."""
+    steer_prompt: bool = True
+    """False: steer only the positions that predict new tokens (an option beyond the paper)."""
 
     @property
     def label(self) -> str:
@@ -60,7 +62,7 @@ class Condition:
             s = ""
         else:
             s = f" {self.strength}" if isinstance(self.strength, str) else f" x{self.strength:g}"
-        return f"L{self.layer} {self.method}/{self.mode}{s}"
+        return f"L{self.layer} {self.method}/{self.mode}{s}" + ("" if self.steer_prompt else " gen-only")
 
     @property
     def uses_strength(self) -> bool:
@@ -106,7 +108,7 @@ def _generate(cond: Condition, aligner: Aligner, topic: Any, inputs: ConditionIn
             raise SaealignError(f"no fine-tuned model for the {cond.finetune!r} baseline: fine-tune one first")
         return inputs.finetuned[cond.finetune].generate(inputs.prompts, topic=topic, method="none", **opts)
     return aligner.generate(inputs.prompts, topic=topic, method=cond.method, mode=cond.mode, strength=cond.strength,
-                            **opts)
+                            steer_prompt=cond.steer_prompt, **opts)
 
 
 def run_conditions(
@@ -166,7 +168,7 @@ def _sample_key(cond: Condition) -> str:
     if cond.kind != "steer":
         return cond.label
     s = cond.strength if isinstance(cond.strength, str) else f"{cond.strength:g}"
-    return f"L{cond.layer} {cond.method} {cond.mode} s{s}"
+    return f"L{cond.layer} {cond.method} {cond.mode} s{s}" + ("" if cond.steer_prompt else " gen-only")
 
 
 def gap_closed(distance: float, none_distance: float, real_distance: float) -> float:

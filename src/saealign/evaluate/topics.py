@@ -113,7 +113,9 @@ def unaligned_texts(root: Path, n: int, seed: int = 0) -> list[str]:
 def split(texts: list[str], n_topic: int, n_heldout: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Disjoint random samples: ``n_topic`` texts to score the topic, ``n_heldout`` to measure against.
 
-    Small topics (our 20 shoe texts) are split in two halves when they cannot fill both parts.
+    Small topics (our 20 shoe texts) are split in two halves when they cannot fill both parts. The
+    topic part is drawn first, so it does not depend on ``n_heldout``: every experiment (and
+    ``eval topic-signal``) scores the same topic texts and ``eval all`` fine-tunes on them once.
     """
     texts = list(dict.fromkeys(texts))
     if len(texts) < n_topic + n_heldout:
@@ -122,5 +124,7 @@ def split(texts: list[str], n_topic: int, n_heldout: int, seed: int = 0) -> tupl
                                 f"topic/held-out splits ({n_topic} + {n_heldout} asked)")
         n_topic = len(texts) // 2
         n_heldout = len(texts) - n_topic
-    picked = random.Random(seed).sample(texts, n_topic + n_heldout)
-    return picked[:n_topic], picked[n_topic:]
+    rng = random.Random(seed)
+    topic = rng.sample(texts, n_topic)
+    chosen = set(topic)
+    return topic, rng.sample([t for t in texts if t not in chosen], n_heldout)
