@@ -84,7 +84,7 @@ def test_side_by_side_shows_texts_and_contamination() -> None:
     steered = [gen("The economy is", " sick with a fever.", 0.4567, "swap"),
                gen("My day was", " spent at the clinic.", 0.05, "swap")]
     out = render(plain, steered, "metaphors: unsteered vs Swap")
-    for needle in ("metaphors: unsteered vs Swap", "swap (error)", "The economy is", "My day was",
+    for needle in ("metaphors: unsteered vs Swap", "swap (error, strength 1)", "The economy is", "My day was",
                    "growing slowly this year.", "sick with a fever.", "long.", "spent at the clinic.",
                    "contamination 0.123", "contamination 0.457", "contamination 0.050"):
         assert needle in out, needle
