@@ -136,7 +136,7 @@ def test_one_batch_search_equals_one_call_per_candidate(sae: SAE) -> None:
     aligner = make(sae)
     t = topic(sae, 9)
     choice = aligner.auto_strength(t)
-    probe = aligner._auto_probe(FAST)
+    probe = aligner.neutral_probe(FAST)
     emb = aligner.embedder.embed(t.topic_texts)  # type: ignore[union-attr]
     for trial in choice.trials:
         gens = aligner.generate(probe.prompts, t, strength=trial["strength"], max_new_tokens=FAST.max_new_tokens,

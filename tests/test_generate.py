@@ -267,3 +267,19 @@ def test_chat_template_wraps_the_prompt(lm: LoadedModel, sae: SAE) -> None:
     wrapped = chat.generate("a dog", method="none", greedy=True, max_new_tokens=4, chat=True)[0]
     manual = chat.generate("a dog </s> <s>", method="none", greedy=True, max_new_tokens=4)[0]  # + the BOS
     assert wrapped.token_ids == manual.token_ids and wrapped.prompt == "a dog"
+
+
+@pytest.mark.parametrize("steer_prompt", [True, False])
+def test_steer_prompt_false_edits_only_positions_that_predict_new_tokens(lm: LoadedModel, sae: SAE,
+                                                                         steer_prompt: bool) -> None:
+    rows = [[1, 5, 6, 7, 8], [1, 9, 10]]  # left padding puts both last prompt tokens in the last column
+    hook = SteeringHook(sae, Steering("swap", "error"), topic_scores(sae, 3).as_tensor())
+    steps = decode_steps(lm.model, rows, Sampling(3, greedy=True), [row_generator(0, "x")] * 2, PAD_ID, {EOS_ID},
+                         hook, layer_module(lm.model, 0), steer_prompt=steer_prompt)
+    next(steps)
+    prompt_pass = hook.n_changed[-1]  # [batch, prompt width] of the prompt pass
+    assert bool((prompt_pass[:, -1] > 0).all())  # the last prompt position is always edited
+    edited_before = bool((prompt_pass[:, :-1] > 0).any())
+    assert edited_before == steer_prompt  # earlier prompt positions only when the prompt is steered
+    next(steps)
+    assert bool((hook.n_changed[-1] > 0).all())  # generated positions are always edited

@@ -151,7 +151,7 @@ def continuation_nll(lm: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_i
     return total, count
 
 
-class _Probe:
+class NeutralProbe:
     """The neutral prompts, their ids and the unsteered measurements, shared by every topic."""
 
     def __init__(self, aligner: Aligner, cfg: AutoStrengthConfig) -> None:
@@ -192,7 +192,7 @@ def choose_strength(aligner: Aligner, topic: TopicScores, method: str = "swap", 
     if not topic.topic_texts:
         raise SaealignError("strength='auto' needs the topic's texts (these scores carry none): give a number")
     start = time.perf_counter()
-    probe = aligner._auto_probe(cfg)
+    probe = aligner.neutral_probe(cfg)
     topic_emb = aligner.embedder.embed(list(topic.topic_texts))
     base_distance = _distance(aligner, probe.base_texts, topic_emb)
     # Every candidate in ONE batch (rows = candidates x prompts, one strength per row): on a CPU a wide batch

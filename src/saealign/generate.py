@@ -27,7 +27,14 @@ from typing import Any
 
 import torch
 
-from saealign.autostrength import AUTO, AutoStrengthConfig, StrengthChoice, _Probe, cache_key, choose_strength
+from saealign.autostrength import (
+    AUTO,
+    AutoStrengthConfig,
+    NeutralProbe,
+    StrengthChoice,
+    cache_key,
+    choose_strength,
+)
 from saealign.decoding import Detokenizer, Sampling, decode_steps, row_generator
 from saealign.embed import TextEmbedder
 from saealign.errors import SaealignError
@@ -121,7 +128,7 @@ class Aligner:
         self.lm, self.sae, self.index, self.embedder = lm, sae, index, embedder
         self.auto_config = AutoStrengthConfig()
         """How ``strength="auto"`` searches (see :mod:`saealign.autostrength`); replace to change the budget."""
-        self._probes: dict[str, _Probe] = {}
+        self._probes: dict[str, NeutralProbe] = {}
         self.sae_key = sae_key(sae)
         if index is not None and (index.keys.sae != self.sae_key or index.keys.layer % lm.n_layers != self.layer):
             raise SaealignError(
@@ -352,10 +359,10 @@ class Aligner:
             cached[key] = choose_strength(self, topic, method, mode, self.auto_config, steer_prompt).to_json()
         return StrengthChoice.from_json(cached[key])
 
-    def _auto_probe(self, cfg: AutoStrengthConfig) -> _Probe:
+    def neutral_probe(self, cfg: AutoStrengthConfig) -> NeutralProbe:
         """The unsteered side of the search (topic-independent: measured once per configuration)."""
         if cfg.key() not in self._probes:
-            self._probes[cfg.key()] = _Probe(self, cfg)
+            self._probes[cfg.key()] = NeutralProbe(self, cfg)
         return self._probes[cfg.key()]
 
     def _encode(self, i: int, prompt: str, chat: bool, max_new_tokens: int) -> tuple[str, list[int]]:
