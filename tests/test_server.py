@@ -134,6 +134,24 @@ def test_generate_matches_the_library(client: httpx.Client, served: Served) -> N
     assert only["token_ids"] == served.reference.generate("a dog", method="none", greedy=True, max_new_tokens=4)[0].token_ids
 
 
+def test_auto_strength_is_resolved_reported_and_shown_on_the_topic(client: httpx.Client, served: Served) -> None:
+    tid = topic_id(client, TOPIC_A)
+    r = client.post("/v1/generate", json={"prompt": "the cat sat on the", "topic_id": tid, "greedy": True,
+                                          "max_new_tokens": 4})  # method swap and strength auto by default
+    assert r.status_code == 200, r.text
+    got = r.json()["generations"][0]
+    chosen = served.reference.auto_strength(served.reference.topic(TOPIC_A))
+    assert (got["method"], got["strength"]) == ("swap", chosen.strength)
+    want = served.reference.generate("the cat sat on the", TOPIC_A, strength=chosen.strength, greedy=True,
+                                     max_new_tokens=4)[0]
+    assert got["token_ids"] == want.token_ids
+    (auto,) = client.get(f"/v1/topics/{tid}").json()["auto_strength"]
+    assert (auto["method"], auto["mode"], auto["strength"]) == ("swap", "error", chosen.strength)
+    assert auto["ppl_ratio"] == pytest.approx(chosen.ppl_ratio)
+    bad = client.post("/v1/generate", json={"prompt": "a dog", "topic_id": tid, "strength": "strong"})
+    assert bad.status_code == 422 and "strength" in bad.json()["error"]
+
+
 def test_generate_stream_sends_one_event_per_token_then_done(client: httpx.Client, served: Served) -> None:
     tid = topic_id(client, TOPIC_B)
     body = {"prompt": "the cat sat on the", "topic_id": tid, "method": "weight", "greedy": True,
