@@ -143,6 +143,10 @@ def test_generate_json_and_side_by_side(files: Files) -> None:
     view = run(*args, "the cat sat on the")
     assert view.exit_code == 0, view.output
     assert "the cat sat on the" in view.output and "unsteered" in view.output
+    assert "strength auto -> " in view.output  # the automatic choice is reported (on stderr)
+    fixed = json.loads(run(*args, "--json", "--strength", "2", "the cat sat on the").stdout.strip())
+    assert fixed["strength"] == 2.0
+    assert_one_error_line(run(*args, "--strength", "strong", "a dog"), "--strength takes a number or auto")
 
 
 def test_info_prints_layers_and_width(files: Files) -> None:
