@@ -144,3 +144,21 @@ def test_one_batch_search_equals_one_call_per_candidate(sae: SAE) -> None:
         nll, n = continuation_nll(aligner.lm, probe.prompt_ids, [g.token_ids for g in gens])
         assert trial["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
         assert trial["distance"] == pytest.approx(auto_mod._distance(aligner, [g.text for g in gens], emb), rel=1e-6)
+
+
+def test_an_independent_judge_scores_the_text(sae: SAE, monkeypatch: pytest.MonkeyPatch) -> None:
+    from saealign.evaluate.metrics import continuation_nll as text_nll
+    from saealign.evaluate.metrics import perplexity
+
+    judge = LoadedModel(model=make_llama(seed=7), tokenizer=make_tokenizer(), name="other-judge", key="judge",
+                        load_seconds=0.0)
+    monkeypatch.setattr(auto_mod, "load_model", lambda spec: judge if spec == "other-judge" else None)
+    aligner = make(sae, AutoStrengthConfig(**{**FAST.__dict__, "judge": "other-judge"}))
+    choice = aligner.auto_strength(topic(sae, 2))
+    probe = aligner.neutral_probe(aligner.auto_config)
+    base = aligner.generate(probe.prompts, method="none", max_new_tokens=FAST.max_new_tokens, top_k=FAST.top_k,
+                            seed=FAST.seed)
+    assert choice.judge == "other-judge" and probe.judge is judge
+    assert choice.base_ppl == pytest.approx(perplexity(text_nll(judge, probe.prompts, [g.text for g in base])))
+    self_judged = make(sae).auto_strength(topic(sae, 2))
+    assert self_judged.judge == "self" and self_judged.base_ppl != choice.base_ppl

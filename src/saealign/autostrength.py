@@ -37,10 +37,10 @@ import torch
 from saealign.cache import hash_json
 from saealign.embed import min_distances
 from saealign.errors import SaealignError
-from saealign.models import LoadedModel
+from saealign.models import LoadedModel, load_model
 
 if TYPE_CHECKING:
-    from saealign.generate import Aligner
+    from saealign.generate import Aligner, Generation
     from saealign.scoring import TopicScores
 
 NEUTRAL_PROMPTS = Path(__file__).parent / "data" / "neutral_prompts.txt"
@@ -60,6 +60,10 @@ class AutoStrengthConfig:
     max_new_tokens: int = 16
     top_k: int = 5
     seed: int = 0
+    judge: str = "self"
+    """Whose perplexity: ``self`` (the aligner's own model, unsteered: no second model to load) or a model
+    spec for :func:`saealign.models.load_model` (an independent judge such as ``gemma3-270m``). On the
+    defaults both chose the same strength for the medical topic (0.3); Gemma took 2x longer."""
 
     def __post_init__(self) -> None:
         if not self.budget > 0:
@@ -89,6 +93,8 @@ class StrengthChoice:
     method: str
     mode: str
     seconds: float
+    judge: str = "self"
+    """The model whose perplexity was measured."""
     trials: list[dict[str, float]] = field(default_factory=list)
     """One ``{strength, ppl, ppl_ratio, distance}`` per candidate tried."""
 
@@ -102,7 +108,7 @@ class StrengthChoice:
             return (f"strength auto -> 0 (no candidate moved toward the topic within +{self.budget:.0%} perplexity: "
                     f"steering off; "
                     f"searched in {self.seconds:.1f} s)")
-        return (f"strength auto -> {self.strength:g} (perplexity {self.ppl_ratio - 1:+.1%} of unsteered, budget "
+        return (f"strength auto -> {self.strength:g} ({self.judge} perplexity {self.ppl_ratio - 1:+.1%} of unsteered, budget "
                 f"+{self.budget:.0%}; distance to topic {self.base_distance:.3f} -> {self.distance:.3f}; "
                 f"searched in {self.seconds:.1f} s)")
 
@@ -158,11 +164,22 @@ class NeutralProbe:
         self.prompts = neutral_prompts(cfg.n_prompts)
         tok: Any = aligner.lm.tokenizer
         self.prompt_ids = [list(tok(p)["input_ids"]) for p in self.prompts]
+        self.own = aligner.lm
+        self.judge = aligner.lm if cfg.judge == "self" else load_model(cfg.judge)
         base = aligner.generate(self.prompts, method="none", max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k,
                                 seed=cfg.seed)
         self.base_texts = [g.text for g in base]
-        nll, n = continuation_nll(aligner.lm, self.prompt_ids, [g.token_ids for g in base])
-        self.base_ppl = math.exp(nll / n)
+        self.base_ppl = self.perplexity(base)
+
+    def perplexity(self, gens: Sequence[Generation]) -> float:
+        """Token-weighted perplexity of the continuations ``gens`` (of :attr:`prompts`) under the judge."""
+        if self.judge is self.own:  # same tokenizer: score the generated ids themselves
+            nll, n = continuation_nll(self.judge, self.prompt_ids, [g.token_ids for g in gens])
+            return math.exp(nll / n)
+        from saealign.evaluate.metrics import continuation_nll as text_nll
+        from saealign.evaluate.metrics import perplexity
+
+        return perplexity(text_nll(self.judge, self.prompts, [g.text for g in gens]))
 
 
 def isotonic(values: Sequence[float]) -> list[float]:
@@ -206,8 +223,7 @@ def choose_strength(aligner: Aligner, topic: TopicScores, method: str = "swap", 
     trials: list[dict[str, float]] = []
     for c, s in enumerate(candidates):
         rows = gens[c * n : (c + 1) * n]
-        nll, count = continuation_nll(aligner.lm, probe.prompt_ids, [g.token_ids for g in rows])
-        ppl = math.exp(nll / count)
+        ppl = probe.perplexity(rows)
         trials.append({"strength": s, "ppl": ppl, "ppl_ratio": ppl / probe.base_ppl,
                        "distance": _distance(aligner, [g.text for g in rows], topic_emb)})
     # A few short continuations make each perplexity noisy (+-20 % here); perplexity grows with the strength,
@@ -220,7 +236,8 @@ def choose_strength(aligner: Aligner, topic: TopicScores, method: str = "swap", 
             best = (t["strength"], t["ppl_ratio"], t["distance"])  # the strongest within the budget that helps
     return StrengthChoice(strength=best[0], ppl_ratio=best[1], distance=best[2], base_ppl=probe.base_ppl,
                           base_distance=base_distance, budget=cfg.budget, method=method, mode=mode,
-                          seconds=time.perf_counter() - start, trials=trials)
+                          seconds=time.perf_counter() - start, trials=trials,
+                          judge="self" if probe.judge is probe.own else probe.judge.name)
 
 
 def cache_key(aligner: Aligner, method: str, mode: str, cfg: AutoStrengthConfig) -> str:

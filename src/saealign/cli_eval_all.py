@@ -124,7 +124,7 @@ def all_cmd(ctx: click.Context, out: Path, quick: bool, layers: str, judge: str,
                                             baselines="prompt,lora" if q else "prompt,lora,full",
                                             acceptability=True, **gen)),
         "frontier": (frontier_cmd, dict(layer=deepest, topics="medical" if q else "medical,amazon,sycophancy,shoes",
-                                        strengths="1,4" if q else "0.5,1,2,4,8", baselines="prompt,lora",
+                                        strengths="1,4" if q else "0.5,1,2", baselines="prompt,lora",
                                         acceptability=True, max_prompts=4 if q else None, **{**gen, "seeds": "0" if q else "0,1"})),
         "cost": (cost_cmd, dict(layer=deepest, data=data, n_topic=50, finetune=True)),
     }
