@@ -307,7 +307,7 @@ def test_eval_cost_rows(tmp_path: Path, data: Path, index: ReferenceIndex) -> No
     ok(run("eval", "cost", "--layer", 0, "--n-topic", 8, "--data", data, "--out", tmp_path / "cost"))
     rows = json.loads((tmp_path / "cost" / "cost.json").read_text())["rows"]
     stages = [r["stage"] for r in rows]
-    assert stages == ["load model + SAE + index (cached)", f"build reference index ({N_CORPUS} prompts)",
+    assert stages == ["load model (converted copy in the user cache)", f"build reference index ({N_CORPUS} prompts)",
                       "score a topic (8 texts)", "automatic strength search",
                       *[f"{m} generation, batch {len(PROMPTS)}" for m in ("plain", "plain", "Swap", "Swap")],
                       "fine-tune (lora, 3 epochs)", "fine-tune (full, 3 epochs)"]
@@ -316,13 +316,13 @@ def test_eval_cost_rows(tmp_path: Path, data: Path, index: ReferenceIndex) -> No
     assert build["seconds"] == pytest.approx(sum(index.manifest["timings"].values()))
     assert set(index.manifest["timings"]) <= set(build["note"].replace(",", "").split())
     assert rows[3]["note"].startswith("strength auto -> ")
-    plain = by[(f"plain generation, batch {len(PROMPTS)}", "per token")]["seconds"]
-    swap = by[(f"Swap generation, batch {len(PROMPTS)}", "per token")]
+    plain = by[(f"plain generation, batch {len(PROMPTS)}", "per token slot")]["seconds"]
+    swap = by[(f"Swap generation, batch {len(PROMPTS)}", "per token slot")]
     assert swap["note"] == f"steered / plain = {swap['seconds'] / plain:.3f}x"
     per_prompt = by[(f"plain generation, batch {len(PROMPTS)}", "per prompt")]
-    tokens = int(re.fullmatch(r"64 new tokens, (\d+) tokens in [\d.]+ s", per_prompt["note"])[1])  # type: ignore[index]
-    assert len(PROMPTS) <= tokens <= 64 * len(PROMPTS)
-    assert per_prompt["seconds"] * len(PROMPTS) == pytest.approx(plain * tokens)
+    slots = int(re.fullmatch(r"up to 64 new tokens, (\d+) token slots in [\d.]+ s", per_prompt["note"])[1])  # type: ignore[index]
+    assert slots % len(PROMPTS) == 0 and len(PROMPTS) <= slots <= 64 * len(PROMPTS)
+    assert per_prompt["seconds"] * len(PROMPTS) == pytest.approx(plain * slots)
     assert all(r["seconds"] > 0 for r in rows[2:])
     assert [r["unit"] for r in rows[-2:]] == ["per topic"] * 2 and "tokens, final loss" in rows[-1]["note"]
     ok(run("eval", "cost", "--layer", 0, "--n-topic", 8, "--no-finetune", "--data", data, "--out", tmp_path / "c2"))
