@@ -145,8 +145,10 @@ def test_auto_strength_is_resolved_reported_and_shown_on_the_topic(client: httpx
     want = served.reference.generate("the cat sat on the", TOPIC_A, strength=chosen.strength, greedy=True,
                                      max_new_tokens=4)[0]
     assert got["token_ids"] == want.token_ids
-    (auto,) = client.get(f"/v1/topics/{tid}").json()["auto_strength"]
-    assert (auto["method"], auto["mode"], auto["strength"]) == ("swap", "error", chosen.strength)
+    # earlier requests may have searched this topic for other methods or modes too
+    (auto,) = [a for a in client.get(f"/v1/topics/{tid}").json()["auto_strength"]
+               if (a["method"], a["mode"]) == ("swap", "error")]
+    assert auto["strength"] == chosen.strength
     assert auto["ppl_ratio"] == pytest.approx(chosen.ppl_ratio)
     bad = client.post("/v1/generate", json={"prompt": "a dog", "topic_id": tid, "strength": "strong"})
     assert bad.status_code == 422 and "strength" in bad.json()["error"]
