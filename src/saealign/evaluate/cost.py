@@ -32,7 +32,7 @@ def measure_cost(make_aligner: Callable[[], Aligner], topic_texts: list[str], pr
     """
     aligner = make_aligner()  # may be one the process already built: report the model's own load time
     rows = [_row("load model (converted copy in the user cache)", aligner.lm.load_seconds, "once per process",
-                 "the first load converts the GGUF once (~36 s here)")]
+                 "the first load of the default model converts its GGUF once into the user cache")]
     if aligner.index is not None:
         timings = aligner.index.manifest.get("timings") or {}
         stage = f"build reference index ({aligner.index.n_prompts} prompts)"

@@ -34,6 +34,6 @@ def medical_mass_ratio(index: ReferenceIndex, scores: TopicScores, top: int = 20
         "base_share": base_share,
         "ratio": top_share / base_share,
         "prompt_share": float(on_topic.mean()),
-        "medical_prompts": float(on_topic.sum()),
-        "prompts": float(len(on_topic)),
+        "medical_prompts": int(on_topic.sum()),
+        "prompts": int(len(on_topic)),
     }
