@@ -81,6 +81,20 @@ def make_sae(d_in: int = D_MODEL, expansion: int = 4, k: int = 8, seed: int = 1)
                b_dec=torch.randn(d_in, generator=g) * 0.1).requires_grad_(False)
 
 
+def build_tiny_index(lm: LoadedModel, sae: SAE, folder, texts: list[str], labels: list[str],  # noqa: ANN001
+                     shard_size: int, batch_size: int = 32):  # noqa: ANN201 - a ReferenceIndex
+    """A layer-0 index of ``texts`` in ``folder / "idx"``, HashingEmbedder, its caches under ``folder / "cache"``."""
+    from saealign.corpus import Corpus
+    from saealign.embed import HashingEmbedder
+    from saealign.index import IndexConfig, build_index
+
+    corpus = Corpus(texts, labels, ["test"] * len(texts), name="tiny")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAEALIGN_CACHE", str(folder / "cache"))
+        return build_index(lm, sae, corpus, HashingEmbedder(), folder / "idx",
+                           IndexConfig(layer=0, shard_size=shard_size, batch_size=batch_size), progress=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_lm() -> LoadedModel:
     """A 2-block random Llama (d_model 64, float32) with the word-level tokenizer."""

@@ -21,15 +21,14 @@ import saealign.cli_eval as cli_eval
 import saealign.cli_eval_suite as cli_eval_suite
 import saealign.defaults as defaults_module
 import saealign.models as models_module
-from conftest import WORDS, make_sae, make_texts
+from conftest import WORDS, build_tiny_index, make_sae, make_texts
 from saealign.autostrength import AutoStrengthConfig
 from saealign.cli_eval_all import SECTIONS
-from saealign.corpus import Corpus
 from saealign.embed import Embedder, HashingEmbedder
 from saealign.errors import SaealignError
 from saealign.evaluate.acceptability import SPLITS
 from saealign.generate import Aligner
-from saealign.index import IndexConfig, ReferenceIndex, build_index
+from saealign.index import ReferenceIndex
 from saealign.models import LoadedModel
 from saealign.sae import SAE
 
@@ -48,14 +47,9 @@ def sae() -> SAE:
 
 @pytest.fixture(scope="module")
 def index(tiny_lm: LoadedModel, sae: SAE, tmp_path_factory: pytest.TempPathFactory) -> ReferenceIndex:
-    folder = tmp_path_factory.mktemp("eval-cli-index")
     texts = make_texts(N_CORPUS, seed=5, min_words=6, max_words=14)
     labels = [MEDICAL_SUBJECTS[i % 3] if i % 2 == 0 else "philosophy" for i in range(N_CORPUS)]
-    corpus = Corpus(texts, labels, ["test"] * N_CORPUS, name="tiny")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAEALIGN_CACHE", str(folder / "cache"))
-        return build_index(tiny_lm, sae, corpus, HashingEmbedder(), folder / "idx", IndexConfig(layer=0, shard_size=16),
-                           progress=False)
+    return build_tiny_index(tiny_lm, sae, tmp_path_factory.mktemp("eval-cli-index"), texts, labels, shard_size=16)
 
 
 def _jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -18,9 +18,8 @@ from click.testing import CliRunner, Result
 import saealign.cli_eval as cli_eval
 import saealign.defaults as defaults_module
 import saealign.models as models_module
-from conftest import make_sae, make_texts
+from conftest import build_tiny_index, make_sae, make_texts
 from saealign.cli import main
-from saealign.corpus import Corpus
 from saealign.embed import Embedder, HashingEmbedder
 from saealign.errors import SaealignError
 from saealign.evaluate.generation import GenerationSetup, evaluate_generations
@@ -34,7 +33,7 @@ from saealign.evaluate.metrics import (
 from saealign.evaluate.report import markdown_table, scatter_plot, write_rows
 from saealign.evaluate.topic_signal import medical_mass_ratio
 from saealign.generate import Aligner
-from saealign.index import FORMAT, VERSION, IndexConfig, ReferenceIndex, build_index
+from saealign.index import FORMAT, VERSION, IndexConfig, ReferenceIndex
 from saealign.models import LoadedModel
 from saealign.sae import SAE
 from saealign.scoring import TopicScores
@@ -218,14 +217,9 @@ def sae() -> SAE:
 
 @pytest.fixture(scope="module")
 def index(tiny_lm: LoadedModel, sae: SAE, tmp_path_factory: pytest.TempPathFactory) -> ReferenceIndex:
-    folder = tmp_path_factory.mktemp("eval-index")
     texts = make_texts(N_CORPUS, seed=5, min_words=6, max_words=14)
     labels = ["anatomy" if i % 3 == 0 else "philosophy" for i in range(N_CORPUS)]
-    corpus = Corpus(texts, labels, ["test"] * N_CORPUS, name="tiny")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAEALIGN_CACHE", str(folder / "cache"))
-        built = build_index(tiny_lm, sae, corpus, HashingEmbedder(), folder / "idx",
-                            IndexConfig(layer=0, shard_size=8), progress=False)
+    built = build_tiny_index(tiny_lm, sae, tmp_path_factory.mktemp("eval-index"), texts, labels, shard_size=8)
     assert int((built.latent_n_prompts >= 20).sum()) > 0  # Aligner.topic's default min_prompts can score
     return built
 

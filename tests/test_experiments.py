@@ -10,13 +10,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from conftest import make_llama, make_sae, make_texts, make_tokenizer
-from saealign.corpus import Corpus
+from conftest import build_tiny_index, make_sae, make_texts
 from saealign.embed import HashingEmbedder
 from saealign.errors import SaealignError
 from saealign.evaluate.experiments import coverage_curve, summary_ablation, topk_token_share
 from saealign.evaluate.layer_stats import layer_statistics, layer_token_rows, layer_token_values
-from saealign.index import IndexConfig, ReferenceIndex, build_index
+from saealign.index import ReferenceIndex
 from saealign.models import LoadedModel, content_mask, residuals_at, special_token_ids
 from saealign.sae import SAE
 from saealign.scoring import SUMMARIES, TopicScores, kendall_tau
@@ -28,8 +27,8 @@ UNALIGNED = make_texts(5, seed=12, min_words=4, max_words=9)
 
 
 @pytest.fixture(scope="module")
-def lm() -> LoadedModel:
-    return LoadedModel(model=make_llama(), tokenizer=make_tokenizer(), name="tiny", key="tiny", load_seconds=0.0)
+def lm(tiny_lm: LoadedModel) -> LoadedModel:
+    return tiny_lm
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +38,9 @@ def sae() -> SAE:
 
 @pytest.fixture(scope="module")
 def index(lm: LoadedModel, sae: SAE, tmp_path_factory: pytest.TempPathFactory) -> ReferenceIndex:
-    folder = tmp_path_factory.mktemp("experiments")
     texts = make_texts(48, seed=5, min_words=4, max_words=12)
-    corpus = Corpus(texts, ["x"] * len(texts), ["test"] * len(texts), name="tiny")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAEALIGN_CACHE", str(folder / "cache"))
-        return build_index(lm, sae, corpus, HashingEmbedder(), folder / "index",
-                           IndexConfig(layer=0, shard_size=16, batch_size=8), progress=False)
+    return build_tiny_index(lm, sae, tmp_path_factory.mktemp("experiments"), texts, ["x"] * len(texts),
+                            shard_size=16, batch_size=8)
 
 
 def hand_acts(lm: LoadedModel, sae: SAE, text: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,13 +24,6 @@ def _data_dir(data: Path | None) -> Path:
     return found
 
 
-def _jsonl_texts(path: Path) -> list[str]:
-    if not path.exists():
-        raise SaealignError(f"{path} not found: pass --data pointing at the shared data folder")
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
-
-
 def topic_split(texts: list[str], n_topic: int, n_heldout: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Disjoint random samples: ``n_topic`` texts to score the topic, ``n_heldout`` to measure distance.
 
@@ -46,6 +37,10 @@ def topic_split(texts: list[str], n_topic: int, n_heldout: int, seed: int = 0) -
 
 
 _ALIGNERS: dict[int, Aligner] = {}
+
+
+data_option = click.option("--data", type=click.Path(path_type=Path), default=None,
+                           help="shared data folder (default ../shared/data)")
 
 
 def _aligner_for(layer: int) -> Aligner:
@@ -65,7 +60,7 @@ def eval_group() -> None:
 
 @eval_group.command("topic-signal")
 @click.option("--layers", default="6,15", show_default=True)
-@click.option("--data", type=click.Path(path_type=Path), default=None, help="shared data folder (default ../shared/data)")
+@data_option
 @click.option("--max-prompts", default=20_000, show_default=True, help="MMLU prompts in the index (stratified)")
 @click.option("--n-topic", default=50, show_default=True, help="MedQuAD texts forming the topic")
 @click.option("--top", default=20, show_default=True)
@@ -81,9 +76,10 @@ def topic_signal_cmd(layers: str, data: Path | None, max_prompts: int, n_topic: 
     from saealign.defaults import load_stack
     from saealign.evaluate.report import markdown_table, write_rows
     from saealign.evaluate.topic_signal import medical_mass_ratio
+    from saealign.evaluate.topics import topic_texts
 
     root = _data_dir(data)
-    topic, _ = topic_split(_jsonl_texts(root / "topics" / "medical_medquad.jsonl.gz"), n_topic, 0)
+    topic, _ = topic_split(topic_texts(root, "medical"), n_topic, 0)
     rows = []
     for layer in parse_layers(layers):
         _lm, _sae, _layer, index, embedder = load_stack(layer=layer, corpus_spec=str(root / "reference" / "mmlu.jsonl.gz"),
@@ -102,15 +98,6 @@ def topic_signal_cmd(layers: str, data: Path | None, max_prompts: int, n_topic: 
     click.echo(f"wrote {out}/topic_signal.md")
 
 
-def _metaphors(data: Path | None) -> list[str]:
-    from saealign.corpus import read_topic
-
-    path = _data_dir(data) / "topics" / "medical_metaphors.txt"
-    if not path.exists():
-        raise SaealignError(f"{path} not found: pass --data pointing at the shared data folder")
-    return read_topic([path])
-
-
 @eval_group.command("generation")
 @click.option("--layers", default="6,15", show_default=True)
 @click.option("--methods", default="none,sae,clamp,swap,weight", show_default=True)
@@ -122,7 +109,7 @@ def _metaphors(data: Path | None) -> list[str]:
 @click.option("--judge", default="gemma3-270m", show_default=True, help="judge LM for perplexity")
 @click.option("--acceptability/--no-acceptability", default=False, show_default=True,
               help="also judge acceptability with the CoLA classifier (trained once, cached)")
-@click.option("--data", type=click.Path(path_type=Path), default=None, help="shared data folder (default ../shared/data)")
+@data_option
 @click.option("--n-topic", default=50, show_default=True, help="MedQuAD texts forming the topic")
 @click.option("--n-heldout", default=200, show_default=True, help="other MedQuAD texts to measure distance against")
 @click.option("--max-new-tokens", default=64, show_default=True)

@@ -18,7 +18,7 @@ import click
 
 from saealign import cli_eval
 from saealign.cli import friendly, parse_layers
-from saealign.cli_eval import eval_group
+from saealign.cli_eval import data_option, eval_group
 
 
 @eval_group.command("frontier")
@@ -29,7 +29,7 @@ from saealign.cli_eval import eval_group
 @click.option("--seeds", default="0,1,2", show_default=True)
 @click.option("--judge", default="gemma3-270m", show_default=True)
 @click.option("--acceptability/--no-acceptability", default=False, show_default=True)
-@click.option("--data", type=click.Path(path_type=Path), default=None, help="shared data folder (default ../shared/data)")
+@data_option
 @click.option("--n-topic", default=50, show_default=True)
 @click.option("--n-heldout", default=200, show_default=True)
 @click.option("--max-new-tokens", default=64, show_default=True)
@@ -77,7 +77,7 @@ SECTIONS = ("acceptability", "topic_signal", "coverage", "topk", "layer", "ablat
 @click.option("--quick", is_flag=True, help="a small version of every experiment (minutes, not hours)")
 @click.option("--layers", default="6,15", show_default=True)
 @click.option("--judge", default="gemma3-270m", show_default=True)
-@click.option("--data", type=click.Path(path_type=Path), default=None, help="shared data folder (default ../shared/data)")
+@data_option
 @click.option("--only", default=",".join(SECTIONS), show_default=True, help="run these sections")
 @click.option("--force", is_flag=True, help="rerun sections that already have results")
 @click.pass_context

@@ -14,7 +14,7 @@ import click
 
 from saealign import cli_eval
 from saealign.cli import friendly, parse_layers
-from saealign.cli_eval import eval_group
+from saealign.cli_eval import data_option, eval_group
 from saealign.errors import SaealignError
 
 
@@ -40,8 +40,6 @@ def _topic_split(data: Path | None, topic: str, n_topic: int, n_heldout: int) ->
     return topic_part, heldout[:n_heldout]
 
 
-data_option = click.option("--data", type=click.Path(path_type=Path), default=None,
-                           help="shared data folder (default ../shared/data)")
 topic_option = click.option("--topic", "topic_name", default="medical", show_default=True,
                             help="medical, amazon, sycophancy or shoes")
 
@@ -203,9 +201,10 @@ def cost_cmd(layer: int, data: Path | None, n_topic: int, finetune: bool, out: P
     """
     from saealign.cli_eval_suite import finetuned
     from saealign.evaluate.cost import measure_cost
+    from saealign.evaluate.topics import topic_prompts
 
     topic, _ = _topic_split(data, "medical", n_topic, 0)
-    prompts = cli_eval._metaphors(data)
+    prompts = topic_prompts(cli_eval._data_dir(data), "medical")
     tune = (lambda aligner, method: finetuned(aligner, topic, method)) if finetune else None
     rows = measure_cost(lambda: cli_eval._aligner_for(layer), topic, prompts, finetune=tune)
     _write(out, "cost", f"Cost on this machine (layer {layer})", rows, ["stage", "seconds", "unit", "note"])
