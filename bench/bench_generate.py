@@ -16,9 +16,9 @@ import time
 import numpy as np
 
 from saealign.defaults import DEFAULT_LAYER, resolve_sae
-from saealign.generate import Aligner
 from saealign.models import load_model
-from saealign.scoring import TopicScores
+from saealign.reference.scoring import TopicScores
+from saealign.steering.aligner import Aligner
 
 PROMPTS = ["My heart is broken so I should", "The best way to spend a weekend is", "In the morning I usually",
            "The city council decided to", "She opened the letter and", "After the long meeting we",

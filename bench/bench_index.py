@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from saealign.corpus import read_corpus, sample
 from saealign.defaults import DEFAULT_LAYER, default_corpus_spec, resolve_sae
-from saealign.embed import Embedder
-from saealign.index import IndexConfig, build_index
 from saealign.models import content_mask, load_model, residuals_at, special_token_ids
+from saealign.reference.corpus import read_corpus, sample
+from saealign.reference.embed import Embedder
+from saealign.reference.index import IndexConfig, build_index
 
 
 def raw_forward(lm, texts: list[str], cfg: IndexConfig) -> float:  # noqa: ANN001 - a LoadedModel

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from saealign.embed import Embedder
-from saealign.index import FORMAT, VERSION, IndexConfig, ReferenceIndex
+from saealign.reference.embed import Embedder
+from saealign.reference.index import FORMAT, VERSION, IndexConfig, ReferenceIndex
 
 TARGET_S = 0.5
 PAPER_S = 62.0
@@ -78,7 +78,7 @@ def main() -> int:
     dense_g(summary, d)
     dense_s = (time.perf_counter() - start) * args.prompts / n_slice
     start = time.perf_counter()
-    from saealign.scoring import latent_g, prepare_summary
+    from saealign.reference.scoring import latent_g, prepare_summary
 
     latent_g(prepare_summary(sp.csr_matrix(summary)), d)
     sparse_slice_s = time.perf_counter() - start

@@ -71,7 +71,7 @@ def free_port() -> int:
 
 
 def start_server(port: int, layer: int | None, timeout_s: float) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-c", "from saealign.cli import main; main()", "serve", "--port", str(port)]
+    cmd = [sys.executable, "-c", "from saealign.cli.app import main; main()", "serve", "--port", str(port)]
     if layer is not None:
         cmd += ["--layer", str(layer)]
     proc = subprocess.Popen(cmd)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from saealign.models import LoadedModel
-from saealign.sae import SAE, SAEConfig
+from saealign.sae.autoencoder import SAE, SAEConfig
 
 D_MODEL = 64
 WORDS = (
@@ -84,9 +84,9 @@ def make_sae(d_in: int = D_MODEL, expansion: int = 4, k: int = 8, seed: int = 1)
 def build_tiny_index(lm: LoadedModel, sae: SAE, folder, texts: list[str], labels: list[str],  # noqa: ANN001
                      shard_size: int, batch_size: int = 32):  # noqa: ANN201 - a ReferenceIndex
     """A layer-0 index of ``texts`` in ``folder / "idx"``, HashingEmbedder, its caches under ``folder / "cache"``."""
-    from saealign.corpus import Corpus
-    from saealign.embed import HashingEmbedder
-    from saealign.index import IndexConfig, build_index
+    from saealign.reference.corpus import Corpus
+    from saealign.reference.embed import HashingEmbedder
+    from saealign.reference.index import IndexConfig, build_index
 
     corpus = Corpus(texts, labels, ["test"] * len(texts), name="tiny")
     with pytest.MonkeyPatch.context() as mp:
@@ -121,10 +121,10 @@ def make_aligner(index_folder, chat_template: str | None = None):  # noqa: ANN20
 
     Layer 0, HashingEmbedder: nothing is downloaded. Set SAEALIGN_CACHE first (the index caches activations).
     """
-    from saealign.corpus import Corpus
-    from saealign.embed import HashingEmbedder
-    from saealign.generate import Aligner
-    from saealign.index import IndexConfig, build_index
+    from saealign.reference.corpus import Corpus
+    from saealign.reference.embed import HashingEmbedder
+    from saealign.reference.index import IndexConfig, build_index
+    from saealign.steering.aligner import Aligner
 
     tok = make_tokenizer()
     if chat_template is not None:

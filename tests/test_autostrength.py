@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-import saealign.autostrength as auto_mod
+import saealign.steering.strength as auto_mod
 from conftest import make_llama, make_sae, make_tokenizer
-from saealign.autostrength import AutoStrengthConfig, continuation_nll, neutral_prompts
-from saealign.embed import HashingEmbedder
 from saealign.errors import SaealignError
-from saealign.generate import Aligner
 from saealign.models import LoadedModel
-from saealign.sae import SAE, sae_key
-from saealign.scoring import TopicScores
+from saealign.reference.embed import HashingEmbedder
+from saealign.reference.scoring import TopicScores
+from saealign.sae.autoencoder import SAE, sae_key
+from saealign.steering.aligner import Aligner
+from saealign.steering.strength import AutoStrengthConfig, continuation_nll, neutral_prompts
 
 FAST = AutoStrengthConfig(n_prompts=4, max_new_tokens=4, strengths=(0.5, 1.0, 4.0, 16.0))
 PROMPTS = ["the cat sat on the", "a dog ran to"]
@@ -73,7 +73,7 @@ def test_auto_is_deterministic_cached_and_saved(sae: SAE, tmp_path, monkeypatch:
     assert (a.strength, a.trials, a.base_ppl) == (b.strength, b.trials, b.base_ppl)
     calls = []
     monkeypatch.setattr(auto_mod, "choose_strength", lambda *args: calls.append(args))
-    import saealign.generate as gen_mod
+    import saealign.steering.aligner as gen_mod
 
     monkeypatch.setattr(gen_mod, "choose_strength", lambda *args: calls.append(args))
     aligner = make(sae)

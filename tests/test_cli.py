@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-import saealign.index as index_module
+import saealign.reference.index as index_module
 from conftest import make_llama, make_sae, make_texts, make_tokenizer
 from saealign.cache import cache_root
-from saealign.cli import main
-from saealign.embed import Embedder, HashingEmbedder
-from saealign.sae import SAE, SAEConfig, sae_key
-from saealign.scoring import TopicScores
+from saealign.cli.app import main
+from saealign.reference.embed import Embedder, HashingEmbedder
+from saealign.reference.scoring import TopicScores
+from saealign.sae.autoencoder import SAE, SAEConfig, sae_key
 
 N_CORPUS = 60
 PROGRESS = re.compile(r"\d+%\|.*\| *\d+/\d+")  # a tqdm bar

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from saealign.corpus import (
+from saealign.errors import SaealignError
+from saealign.reference.corpus import (
     LEXNAMES,
     Corpus,
     CorpusOptions,
@@ -24,7 +25,6 @@ from saealign.corpus import (
     sample,
     truncate_tokens,
 )
-from saealign.errors import SaealignError
 
 # Real lines of WordNet 3.0 (Debian wordnet-base, /usr/share/wordnet), licence header included.
 WORDNET = {

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from saealign.defaults import DEFAULT_LAYER, DEFAULT_SAE_DIR, default_layers, resolve_sae
-from saealign.sae import sae_key
-from saealign.sae_loaders import load_sae
+from saealign.sae.autoencoder import sae_key
+from saealign.sae.formats import load_sae
 
 N_LAYERS = 30  # SmolLM2-135M
 

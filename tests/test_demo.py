@@ -11,10 +11,10 @@ import pytest
 from rich.console import Console
 
 import saealign.demo as demo
-from saealign.corpus import read_topic
 from saealign.defaults import TOPICS_DIR
 from saealign.errors import SaealignError
-from saealign.generate import Generation
+from saealign.reference.corpus import read_topic
+from saealign.steering.aligner import Generation
 
 METAPHORS = ["Her heart is a battlefield.", "The economy has a fever.", "My code is a wound."]
 

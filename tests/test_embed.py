@@ -8,9 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from saealign import embed
-from saealign.embed import Embedder, HashingEmbedder, TextEmbedder, folder_fingerprint, min_distances
 from saealign.errors import SaealignError
+from saealign.reference import embed
+from saealign.reference.embed import (
+    Embedder,
+    HashingEmbedder,
+    TextEmbedder,
+    folder_fingerprint,
+    min_distances,
+)
 
 
 def unit_rows(n: int, d: int, seed: int) -> np.ndarray:

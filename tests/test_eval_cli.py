@@ -16,21 +16,21 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-import saealign.cli as cli  # first: importing cli_eval first is circular (see test_eval_modules_import_in_any_order)
-import saealign.cli_eval as cli_eval
-import saealign.cli_eval_suite as cli_eval_suite
+import saealign.cli.app as cli  # first: importing cli_eval first is circular (see test_eval_modules_import_in_any_order)
+import saealign.cli.eval_suite as cli_eval_suite
+import saealign.cli.evaluation as cli_eval
 import saealign.defaults as defaults_module
 import saealign.models as models_module
 from conftest import WORDS, build_tiny_index, make_sae, make_texts
-from saealign.autostrength import AutoStrengthConfig
-from saealign.cli_eval_all import SECTIONS
-from saealign.embed import Embedder, HashingEmbedder
+from saealign.cli.eval_all import SECTIONS
 from saealign.errors import SaealignError
 from saealign.evaluate.acceptability import SPLITS
-from saealign.generate import Aligner
-from saealign.index import ReferenceIndex
 from saealign.models import LoadedModel
-from saealign.sae import SAE
+from saealign.reference.embed import Embedder, HashingEmbedder
+from saealign.reference.index import ReferenceIndex
+from saealign.sae.autoencoder import SAE
+from saealign.steering.aligner import Aligner
+from saealign.steering.strength import AutoStrengthConfig
 
 N_CORPUS = 48  # enough prompts for latents firing on >= 20 of them (Aligner.topic's min_prompts)
 PROMPTS = ["the cat sat on the", "a dog runs"]
@@ -365,12 +365,12 @@ def test_bad_input_is_one_error_line(tmp_path: Path, data: Path) -> None:
 
 
 def test_eval_modules_import_in_any_order() -> None:
-    """``import saealign.cli_eval`` alone (before saealign.cli) must work, as for every other module."""
+    """``import saealign.cli.evaluation`` alone (before saealign.cli.app) must work, as for every other module."""
     import subprocess
     import sys
 
-    for module in ("saealign.cli_eval", "saealign.cli_eval_all", "saealign.cli_eval_paper", "saealign.cli"):
-        code = f"import {module}; from saealign.cli import main; assert {{'all', 'frontier', 'cost'}} <= set(main.commands['eval'].commands)"
+    for module in ("saealign.cli.evaluation", "saealign.cli.eval_all", "saealign.cli.eval_paper", "saealign.cli.app"):
+        code = f"import {module}; from saealign.cli.app import main; assert {{'all', 'frontier', 'cost'}} <= set(main.commands['eval'].commands)"
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert done.returncode == 0, f"import {module} first:\n{done.stderr[-800:]}"
 

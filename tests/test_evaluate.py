@@ -15,12 +15,11 @@ import scipy.sparse as sp
 import torch
 from click.testing import CliRunner, Result
 
-import saealign.cli_eval as cli_eval
+import saealign.cli.evaluation as cli_eval
 import saealign.defaults as defaults_module
 import saealign.models as models_module
 from conftest import build_tiny_index, make_sae, make_texts
-from saealign.cli import main
-from saealign.embed import Embedder, HashingEmbedder
+from saealign.cli.app import main
 from saealign.errors import SaealignError
 from saealign.evaluate.generation import GenerationSetup, evaluate_generations
 from saealign.evaluate.metrics import (
@@ -32,11 +31,12 @@ from saealign.evaluate.metrics import (
 )
 from saealign.evaluate.report import markdown_table, scatter_plot, write_rows
 from saealign.evaluate.topic_signal import medical_mass_ratio
-from saealign.generate import Aligner
-from saealign.index import FORMAT, VERSION, IndexConfig, ReferenceIndex
 from saealign.models import LoadedModel
-from saealign.sae import SAE
-from saealign.scoring import TopicScores
+from saealign.reference.embed import Embedder, HashingEmbedder
+from saealign.reference.index import FORMAT, VERSION, IndexConfig, ReferenceIndex
+from saealign.reference.scoring import TopicScores
+from saealign.sae.autoencoder import SAE
+from saealign.steering.aligner import Aligner
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Word-level tokenizer: a leading space makes the prompt's ids a clean prefix of prompt + continuation.

@@ -11,15 +11,15 @@ import scipy.sparse as sp
 import torch
 
 from conftest import build_tiny_index, make_sae, make_texts
-from saealign.embed import HashingEmbedder
 from saealign.errors import SaealignError
 from saealign.evaluate.experiments import coverage_curve, summary_ablation, topk_token_share
 from saealign.evaluate.layer_stats import layer_statistics, layer_token_rows, layer_token_values
-from saealign.index import ReferenceIndex
 from saealign.models import LoadedModel, content_mask, residuals_at, special_token_ids
-from saealign.sae import SAE
-from saealign.scoring import SUMMARIES, TopicScores, kendall_tau
-from saealign.steer import Steering, contamination
+from saealign.reference.embed import HashingEmbedder
+from saealign.reference.index import ReferenceIndex
+from saealign.reference.scoring import SUMMARIES, TopicScores, kendall_tau
+from saealign.sae.autoencoder import SAE
+from saealign.steering.edits import Steering, contamination
 
 MIN_PROMPTS = 5  # the tiny index has 48 prompts: the paper's 20 would leave few latents scored
 ALIGNED = make_texts(6, seed=11, min_words=4, max_words=9)

@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_llama, make_texts, make_tokenizer
 from saealign.errors import SaealignError
-from saealign.finetune import FineTuneConfig, FineTuned, finetune
+from saealign.evaluate.finetune import FineTuneConfig, FineTuned, finetune
 from saealign.models import LoadedModel
 
 TEXTS = make_texts(8, seed=3)

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from conftest import EOS_ID, PAD_ID, make_llama, make_sae, make_texts, make_tokenizer
-from saealign.corpus import Corpus
-from saealign.decoding import Sampling, decode_steps, row_generator, sample_next
-from saealign.embed import HashingEmbedder
 from saealign.errors import SaealignError
-from saealign.generate import Aligner, Generation
-from saealign.index import IndexConfig, ReferenceIndex, build_index
 from saealign.models import LoadedModel, layer_module
-from saealign.sae import SAE, SAEConfig, sae_key
-from saealign.scoring import TopicScores
-from saealign.steer import Steering, SteeringHook
+from saealign.reference.corpus import Corpus
+from saealign.reference.embed import HashingEmbedder
+from saealign.reference.index import IndexConfig, ReferenceIndex, build_index
+from saealign.reference.scoring import TopicScores
+from saealign.sae.autoencoder import SAE, SAEConfig, sae_key
+from saealign.steering.aligner import Aligner, Generation
+from saealign.steering.decoding import Sampling, decode_steps, row_generator, sample_next
+from saealign.steering.edits import Steering, SteeringHook
 
 PROMPTS = ["the cat sat on the", "a dog", "river water is cold and the sun shines over the big old house"]
 N_NEW = 10

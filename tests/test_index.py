@@ -11,15 +11,15 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import saealign.index as index_module
+import saealign.reference.index as index_module
 from conftest import make_llama, make_sae, make_texts, make_tokenizer
-from saealign.corpus import Corpus
-from saealign.embed import HashingEmbedder
 from saealign.errors import SaealignError
-from saealign.index import IndexConfig, ReferenceIndex, build_index
 from saealign.models import LoadedModel, content_mask, residuals_at, special_token_ids
-from saealign.sae import SAE, sae_key
-from saealign.scoring import kendall_tau
+from saealign.reference.corpus import Corpus
+from saealign.reference.embed import HashingEmbedder
+from saealign.reference.index import IndexConfig, ReferenceIndex, build_index
+from saealign.reference.scoring import kendall_tau
+from saealign.sae.autoencoder import SAE, sae_key
 
 N_TEXTS = 40
 CFG = IndexConfig(layer=0, shard_size=8, batch_size=3)  # 5 shards; batches of 3 mix lengths inside a shard
@@ -299,7 +299,7 @@ def test_kendall_tau_between_summaries(built: ReferenceIndex) -> None:
 
 def test_sparse_statistics_equal_dense_accumulation() -> None:
     """_combine's per-(prompt, latent) sum/max/count equal a dense index_add / amax / count, entry for entry."""
-    from saealign.index import _combine
+    from saealign.reference.index import _combine
 
     rng = np.random.default_rng(0)
     n, d, n_tok = 5, 7, 40

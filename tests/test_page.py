@@ -21,7 +21,7 @@ import pytest
 
 from conftest import LiveServer, make_aligner
 from saealign.defaults import TOPICS_DIR
-from saealign.server import ServerLimits, create_app
+from saealign.serve.app import ServerLimits, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from saealign.errors import SaealignError
-from saealign.sae import SAE, SAEConfig
-from saealign.sae_loaders import load_saelens_folder
+from saealign.sae.autoencoder import SAE, SAEConfig
+from saealign.sae.formats import load_saelens_folder
 
 
 def random_sae(activation: str = "topk", k: int | None = 3, d_in: int = 8, d_sae: int = 16, **cfg) -> SAE:

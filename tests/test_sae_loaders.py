@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from saealign.errors import SaealignError
-from saealign.sae import SAE, SAEConfig
-from saealign.sae_loaders import (
+from saealign.sae.autoencoder import SAE, SAEConfig
+from saealign.sae.formats import (
     check_sae_fits,
     load_gemma_scope_npz,
     load_openai_checkpoint,

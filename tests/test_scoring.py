@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import torch
 
 from saealign.errors import SaealignError
-from saealign.scoring import (
+from saealign.reference.scoring import (
     SUMMARIES,
     TopicScores,
     kendall_tau,

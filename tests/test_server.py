@@ -19,8 +19,8 @@ import pytest
 
 from conftest import LiveServer, make_aligner
 from saealign.defaults import TOPICS_DIR
-from saealign.generate import Aligner, TokenEvent
-from saealign.server import ServerLimits, create_app
+from saealign.serve.app import ServerLimits, create_app
+from saealign.steering.aligner import Aligner, TokenEvent
 
 CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
 TOPIC_A = ["the cat sat on the old house", "a small dog runs near the river"]

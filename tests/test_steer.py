@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from saealign.errors import SaealignError
-from saealign.sae import SAE, SAEConfig
-from saealign.steer import (
+from saealign.sae.autoencoder import SAE, SAEConfig
+from saealign.steering.edits import (
     Steering,
     SteeringHook,
     _with_hidden,

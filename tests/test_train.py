@@ -11,14 +11,14 @@ import torch
 from click.testing import CliRunner
 
 from conftest import D_MODEL, make_llama, make_texts, make_tokenizer
-from saealign import train
-from saealign.cli import main
+from saealign.cli.app import main
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel, residuals_at
-from saealign.sae import SAE, SAEConfig
-from saealign.sae_eval import evaluate_sae
-from saealign.sae_loaders import load_sae
-from saealign.train import TrainConfig, activation_stream, train_and_save, train_saes
+from saealign.sae import training as train
+from saealign.sae.autoencoder import SAE, SAEConfig
+from saealign.sae.formats import load_sae
+from saealign.sae.quality import evaluate_sae
+from saealign.sae.training import TrainConfig, activation_stream, train_and_save, train_saes
 
 # 8 steps of 256 tokens; buffers of ~900 tokens (3 steps each), so a run writes 3 checkpoints.
 # dead_tokens 512: latents count as dead after two steps, so the AuxK branch runs too.

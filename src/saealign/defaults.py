@@ -11,13 +11,13 @@ import os
 from pathlib import Path
 
 from saealign.cache import cache_dir
-from saealign.corpus import Corpus, find_wordnet, read_corpus, sample
-from saealign.embed import Embedder
 from saealign.errors import SaealignError
-from saealign.index import IndexConfig, ReferenceIndex, build_index
 from saealign.models import LoadedModel, default_dtype, load_model
-from saealign.sae import SAE, sae_key
-from saealign.sae_loaders import check_sae_fits, load_sae
+from saealign.reference.corpus import Corpus, find_wordnet, read_corpus, sample
+from saealign.reference.embed import Embedder
+from saealign.reference.index import IndexConfig, ReferenceIndex, build_index
+from saealign.sae.autoencoder import SAE, sae_key
+from saealign.sae.formats import check_sae_fits, load_sae
 
 PACKAGE_DATA = Path(__file__).parent / "data"
 DEFAULT_SAE_DIR = PACKAGE_DATA / "sae" / "smollm2-135m-instruct"

@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from saealign.corpus import read_topic
 from saealign.defaults import TOPICS_DIR, shared_data_dir
-from saealign.generate import Aligner, Generation
+from saealign.reference.corpus import read_topic
+from saealign.steering.aligner import Aligner, Generation
 
 PACKAGE_PROMPTS = Path(__file__).parent / "data" / "neutral_prompts.txt"
 N_TOPIC_TEXTS = 50

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from saealign.embed import TextEmbedder
 from saealign.errors import SaealignError
 from saealign.evaluate.metrics import continuation_nll, distinct_n, perplexity, topic_distance
-from saealign.generate import Aligner, Generation
 from saealign.models import LoadedModel
+from saealign.reference.embed import TextEmbedder
+from saealign.steering.aligner import Aligner, Generation
 
 KINDS = ("steer", "prompt", "finetune")
 

@@ -3,7 +3,7 @@
 Stages: set-up once per model/SAE (load; the reference index build, read from the index's own
 timings), once per topic (scoring, the automatic strength search), and per generation (plain vs
 Swap, per prompt and per token, same batch, same process), against fine-tuning the model on the
-same topic texts (LoRA and full, the standard recipe of :mod:`saealign.finetune`).
+same topic texts (LoRA and full, the standard recipe of :mod:`saealign.evaluate.finetune`).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from saealign.generate import Aligner
+from saealign.steering.aligner import Aligner
 
 if TYPE_CHECKING:
-    from saealign.finetune import FineTuned
+    from saealign.evaluate.finetune import FineTuned
 
 
 def _row(stage: str, seconds: float, unit: str, note: str = "") -> dict[str, Any]:

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saealign.embed import TextEmbedder
 from saealign.errors import SaealignError
-from saealign.index import ReferenceIndex
 from saealign.models import LoadedModel, content_mask, residuals_at, special_token_ids
-from saealign.sae import SAE
-from saealign.scoring import SUMMARIES, TopicScores, kendall_tau, score_topic
+from saealign.reference.embed import TextEmbedder
+from saealign.reference.index import ReferenceIndex
+from saealign.reference.scoring import SUMMARIES, TopicScores, kendall_tau, score_topic
+from saealign.sae.autoencoder import SAE
 
 COVERAGE_SIZES = tuple(2**e for e in range(8, 18))
 TOPK_KS = (1, 5, 10, 20, 50, 100)
@@ -209,7 +209,7 @@ def summary_ablation(
     The topic is embedded once; each summary scores it against the same distances. Row per ordered
     pair ``(a, b)`` of ``summaries``, the diagonal included (a symmetric table): ``a, b``, a Kendall
     tau-b column per entry of ``top`` (``tau_all`` over all latents scored in both, ``tau_top{n}``
-    over the union of each side's n best, see :func:`saealign.scoring.kendall_tau`; NaN where tau
+    over the union of each side's n best, see :func:`saealign.reference.scoring.kendall_tau`; NaN where tau
     is undefined, e.g. all scores tied) and ``overlap_top{overlap}``, the shared share of the two
     top-``overlap`` sets.
     """

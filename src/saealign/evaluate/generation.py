@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from saealign.embed import TextEmbedder
 from saealign.evaluate.conditions import Condition, ConditionInputs, run_conditions
-from saealign.generate import Aligner
 from saealign.models import LoadedModel
+from saealign.reference.embed import TextEmbedder
+from saealign.steering.aligner import Aligner
 
 
 @dataclass(frozen=True)

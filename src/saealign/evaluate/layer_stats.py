@@ -1,7 +1,7 @@
 """Layer-level output of the edits (the paper's Fig. 5/6 and A.4), measured per content token.
 
 The texts are run teacher-forced (their own tokens, no generation) up to the hooked layer; each
-method of :func:`saealign.steer.apply_edit` then edits the residual of every content token, and
+method of :func:`saealign.steering.edits.apply_edit` then edits the residual of every content token, and
 per token we measure (``a = σ(γ)``, ``a'`` the edited latents, ``x`` the residual):
 
 - ``changed``: latents whose activation differs between a and a' (Fig. 5);
@@ -24,9 +24,9 @@ from torch import Tensor
 from saealign.errors import SaealignError
 from saealign.evaluate.experiments import content_residuals
 from saealign.models import LoadedModel
-from saealign.sae import SAE
-from saealign.scoring import TopicScores
-from saealign.steer import METHODS, Steering, apply_edit, contamination
+from saealign.reference.scoring import TopicScores
+from saealign.sae.autoencoder import SAE
+from saealign.steering.edits import METHODS, Steering, apply_edit, contamination
 
 _PER_TOKEN = ("changed", "active", "contamination", "contamination_plain", "err_plain", "err_edit", "err_diff",
               "shift", "x_norm")

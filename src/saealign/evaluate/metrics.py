@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from saealign.embed import TextEmbedder, min_distances
 from saealign.models import LoadedModel
+from saealign.reference.embed import TextEmbedder, min_distances
 
 
 @torch.inference_mode()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from saealign.index import ReferenceIndex
-from saealign.scoring import TopicScores
+from saealign.reference.index import ReferenceIndex
+from saealign.reference.scoring import TopicScores
 
 MMLU_MEDICAL = (
     "anatomy", "clinical_knowledge", "college_medicine", "medical_genetics", "professional_medicine",

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from saealign.cache import atomic_dir, atomic_write_json
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel, content_mask, residuals_at_layers, special_token_ids
-from saealign.sae import SAE, SAEConfig
-from saealign.sae_eval import SAEQuality, evaluate_sae
+from saealign.sae.autoencoder import SAE, SAEConfig
+from saealign.sae.quality import SAEQuality, evaluate_sae
 
 
 @dataclass(frozen=True)

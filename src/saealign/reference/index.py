@@ -31,12 +31,11 @@ import torch
 from tqdm.auto import tqdm
 
 from saealign.cache import atomic_write_bytes, atomic_write_json, cache_dir, hash_json
-from saealign.corpus import Corpus
-from saealign.embed import TextEmbedder, min_distances
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel, content_mask, layer_module, residuals_at, special_token_ids
-from saealign.sae import SAE, sae_key
-from saealign.scoring import (
+from saealign.reference.corpus import Corpus
+from saealign.reference.embed import TextEmbedder, min_distances
+from saealign.reference.scoring import (
     METRICS,
     SUMMARIES,
     PreparedSummary,
@@ -45,6 +44,7 @@ from saealign.scoring import (
     score_topic,
     summary_matrix,
 )
+from saealign.sae.autoencoder import SAE, sae_key
 
 FORMAT = "saealign-reference-index"
 VERSION = 1
@@ -173,7 +173,7 @@ def build_index(
     same keys continues from its first missing shard; one with other keys is an error (never
     silently overwritten).
     """
-    from saealign.sae_loaders import check_sae_fits
+    from saealign.sae.formats import check_sae_fits
 
     check_sae_fits(sae, lm.d_model, f"layer {cfg.layer}")
     layer_module(lm.model, cfg.layer)  # range check before anything is written

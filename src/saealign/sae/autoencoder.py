@@ -14,7 +14,7 @@ Input conventions differ between formats, so two switches reproduce each format'
   (``(x - mean) / (std + eps)``) before encoding and undo it after decoding, so ``decode`` needs
   the original ``x`` to restore its mean and scale.
 
-Loaders for the file formats live in :mod:`saealign.sae_loaders`; this module owns the maths and
+Loaders for the file formats live in :mod:`saealign.sae.formats`; this module owns the maths and
 the SAELens folder layout written by :meth:`SAE.save`.
 """
 
@@ -199,11 +199,16 @@ class SAE(nn.Module):
 
 
 def sae_key(sae: SAE) -> str:
-    """Short content hash of an SAE's weights and config: what scores and indexes are keyed by."""
+    """Short content hash of an SAE's weights and config: what scores and indexes are keyed by.
+
+    The weights are hashed at bf16 precision, so the key does not depend on the dtype the SAE was loaded
+    in (the shipped bf16 SAEs run in fp32 on CPUs without native bf16 and in bf16 elsewhere, and an
+    index built on one machine must be found on the other).
+    """
     h = hashlib.sha256(json.dumps(asdict(sae.cfg) | {"metadata": None}, sort_keys=True, default=str).encode())
     for name, t in sae.state_for_saving().items():
         h.update(name.encode())
-        h.update(t.detach().float().contiguous().cpu().numpy().tobytes())
+        h.update(t.detach().to(torch.bfloat16).float().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

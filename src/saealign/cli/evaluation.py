@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 import click
 
-from saealign.cli import friendly, main, parse_layers
+from saealign.cli.app import friendly, main, parse_layers
 from saealign.errors import SaealignError
 
 if TYPE_CHECKING:
-    from saealign.generate import Aligner
+    from saealign.steering.aligner import Aligner
 
 
 def _data_dir(data: Path | None) -> Path:
@@ -46,7 +46,7 @@ data_option = click.option("--data", type=click.Path(path_type=Path), default=No
 def _aligner_for(layer: int) -> Aligner:
     """The default stack at ``layer``, built once per process (``eval all`` asks for it in every experiment)."""
     from saealign.defaults import load_stack
-    from saealign.generate import Aligner
+    from saealign.steering.aligner import Aligner
 
     if layer not in _ALIGNERS:
         _ALIGNERS[layer] = Aligner(*load_stack(layer=layer))
@@ -123,7 +123,7 @@ def generation_cmd(layers: str, methods: str, modes: str, seeds: str, strengths:
     Measures distance to held-out topic text, judge perplexity, contamination, repetition.
     Example: saealign eval generation --layers 15 --modes error --seeds 0 --baselines prompt
     """
-    from saealign.cli_eval_suite import (
+    from saealign.cli.eval_suite import (
         generation_table,
         parse_baselines,
         parse_strengths,
@@ -143,4 +143,4 @@ def generation_cmd(layers: str, methods: str, modes: str, seeds: str, strengths:
 
 
 # The other eval commands live in their own modules; importing them registers them on ``eval_group``.
-from saealign import cli_eval_all, cli_eval_paper  # noqa: E402,F401
+from saealign.cli import eval_all, eval_paper  # noqa: E402,F401

@@ -82,9 +82,9 @@ def train_sae_cmd(model: str, corpus_spec: str, layers: str, out_dir: Path, toke
     Example: saealign train-sae --corpus ../shared/data/reference,../shared/data/topics --layers 6,15 --out saes
     """
     from saealign.cache import cache_dir, hash_json
-    from saealign.corpus import read_corpus
     from saealign.models import load_model
-    from saealign.train import TrainConfig, train_and_save
+    from saealign.reference.corpus import read_corpus
+    from saealign.sae.training import TrainConfig, train_and_save
 
     cfg = TrainConfig(layers=parse_layers(layers), expansion=expansion, k=k, tokens=tokens, seed=seed)
     corpus = read_corpus(corpus_spec)
@@ -151,11 +151,11 @@ def index_build_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Pat
 
     Example: saealign index build --corpus ../shared/data/reference/mmlu.jsonl.gz --layer 6
     """
-    from saealign.corpus import read_corpus, sample
     from saealign.defaults import default_corpus_spec, index_folder, resolve_sae
-    from saealign.embed import Embedder
-    from saealign.index import IndexConfig, build_index
     from saealign.models import load_model
+    from saealign.reference.corpus import read_corpus, sample
+    from saealign.reference.embed import Embedder
+    from saealign.reference.index import IndexConfig, build_index
 
     if index_dir is not None:
         raise click.UsageError("--index names an existing index; use --out to choose where to build")
@@ -180,7 +180,7 @@ def index_build_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Pat
 
 
 def _read_topic_texts(topic_files: tuple[str, ...], topic_texts: tuple[str, ...]) -> list[str]:
-    from saealign.corpus import read_topic
+    from saealign.reference.corpus import read_topic
 
     if not topic_files and not topic_texts:
         raise SaealignError("give the topic: --topic-file FILE (one example text a line) and/or --topic TEXT")
@@ -287,9 +287,9 @@ def generate_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path |
 
     Example: saealign generate --topic-file src/saealign/data/topics/medical.txt "My heart is broken, so I should"
     """
-    from saealign.corpus import read_topic
-    from saealign.generate import Aligner
-    from saealign.scoring import TopicScores
+    from saealign.reference.corpus import read_topic
+    from saealign.reference.scoring import TopicScores
+    from saealign.steering.aligner import Aligner
 
     prompt_list = list(prompts) + (read_topic([prompts_file]) if prompts_file else [])
     if not prompt_list:
@@ -355,12 +355,12 @@ def serve_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path | No
 
     Example: saealign serve --port 8000   # then open http://127.0.0.1:8000/
     """
-    from saealign.generate import Aligner
-    from saealign.server import ServerLimits, serve
+    from saealign.serve.app import ServerLimits, serve
+    from saealign.steering.aligner import Aligner
 
     aligner = Aligner(*_stack(model, sae_spec, layer, index_dir, corpus_spec, max_prompts))
     serve(aligner, host=host, port=port, limits=ServerLimits(max_new_tokens=max_new_tokens_limit))
 
 
 # The eval group lives in its own module; importing it registers its commands on ``main``.
-from saealign import cli_eval  # noqa: E402,F401
+from saealign.cli import evaluation  # noqa: E402,F401

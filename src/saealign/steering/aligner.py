@@ -10,7 +10,7 @@
         print(event.text, end="")
 
 Every position (prompt and generated) is steered at the SAE's layer, except each prompt's first
-position, whose residual norm the SAE never saw (see :attr:`saealign.steer.SteeringHook.keep`).
+position, whose residual norm the SAE never saw (see :attr:`saealign.steering.edits.SteeringHook.keep`).
 A generated token's contamination is the one measured at the position that predicted it.
 
 Sampling is reproducible per prompt: each row draws from its own generator seeded from
@@ -27,7 +27,15 @@ from typing import Any
 
 import torch
 
-from saealign.autostrength import (
+from saealign.errors import SaealignError
+from saealign.models import LoadedModel, layer_module
+from saealign.reference.embed import TextEmbedder
+from saealign.reference.index import ReferenceIndex
+from saealign.reference.scoring import TopicScores
+from saealign.sae.autoencoder import SAE, sae_key
+from saealign.steering.decoding import Detokenizer, Sampling, decode_steps, row_generator
+from saealign.steering.edits import Steering, SteeringHook
+from saealign.steering.strength import (
     AUTO,
     AutoStrengthConfig,
     NeutralProbe,
@@ -35,14 +43,6 @@ from saealign.autostrength import (
     cache_key,
     choose_strength,
 )
-from saealign.decoding import Detokenizer, Sampling, decode_steps, row_generator
-from saealign.embed import TextEmbedder
-from saealign.errors import SaealignError
-from saealign.index import ReferenceIndex
-from saealign.models import LoadedModel, layer_module
-from saealign.sae import SAE, sae_key
-from saealign.scoring import TopicScores
-from saealign.steer import Steering, SteeringHook
 
 TopicSpec = TopicScores | Sequence[TopicScores] | Sequence[str] | str | None
 """A topic argument: scores, several scores (with ``topic_per_row``), topic texts, or None."""
@@ -117,7 +117,7 @@ class Aligner:
         index: ReferenceIndex | None = None,
         embedder: TextEmbedder | None = None,
     ) -> None:
-        from saealign.sae_loaders import check_sae_fits
+        from saealign.sae.formats import check_sae_fits
 
         check_sae_fits(sae, lm.d_model, f"layer {layer}")
         self.block = layer_module(lm.model, layer)  # checks the range
@@ -127,7 +127,7 @@ class Aligner:
             raise SaealignError(f"the SAE is on {sae.W_enc.device} but the model on {model_device}: move it with sae.to()")
         self.lm, self.sae, self.index, self.embedder = lm, sae, index, embedder
         self.auto_config = AutoStrengthConfig()
-        """How ``strength="auto"`` searches (see :mod:`saealign.autostrength`); replace to change the budget."""
+        """How ``strength="auto"`` searches (see :mod:`saealign.steering.strength`); replace to change the budget."""
         self._probes: dict[str, NeutralProbe] = {}
         self.sae_key = sae_key(sae)
         if index is not None and (index.keys.sae != self.sae_key or index.keys.layer % lm.n_layers != self.layer):
@@ -182,7 +182,7 @@ class Aligner:
         ``topic``: :class:`TopicScores`; topic texts (scored with :meth:`topic`); or a list of
         TopicScores with ``topic_per_row`` (one index into it per prompt) to steer each row to its own
         topic in the same batch. ``seed``: one for all rows or one per prompt. ``chat``: wrap each
-        prompt in the tokenizer's chat template. Methods and modes: see :mod:`saealign.steer`.
+        prompt in the tokenizer's chat template. Methods and modes: see :mod:`saealign.steering.edits`.
         ``strength``: Swap/Weight use ``scores ** strength`` (1 = the paper); ``"auto"`` picks, per topic,
         the strongest that keeps perplexity within :attr:`auto_config`'s budget (:meth:`auto_strength`);
         a list gives one number per prompt.
@@ -350,7 +350,7 @@ class Aligner:
     def auto_strength(self, topic: TopicScores, method: str = "swap", mode: str = "error",
                       steer_prompt: bool = True) -> StrengthChoice:
         """The strongest Swap/Weight strength within the fluency budget for ``topic`` (searched once, then cached
-        in ``topic.extra["auto_strength"]``, which :meth:`TopicScores.save` keeps). See :mod:`saealign.autostrength`."""
+        in ``topic.extra["auto_strength"]``, which :meth:`TopicScores.save` keeps). See :mod:`saealign.steering.strength`."""
         Steering(method, mode)  # a clear error for an unknown method or mode before any search
         topic.check_compatible(self.sae_key, self.sae.d_sae)
         key = cache_key(self, method, mode, self.auto_config) + ("" if steer_prompt else "-generated-only")

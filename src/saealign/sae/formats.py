@@ -1,4 +1,4 @@
-"""Read public SAE formats into :class:`saealign.sae.SAE`, reproducing each format's own formula.
+"""Read public SAE formats into :class:`saealign.sae.autoencoder.SAE`, reproducing each format's own formula.
 
 | format | file | formula switches |
 | --- | --- | --- |
@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from saealign.errors import SaealignError
-from saealign.sae import CFG_FILE, SAE, WEIGHTS_FILE, SAEConfig
+from saealign.sae.autoencoder import CFG_FILE, SAE, WEIGHTS_FILE, SAEConfig
 
 GEMMA_FILE = "params.npz"
 _OPENAI_SUFFIXES = (".pt", ".pth")

@@ -1,6 +1,6 @@
 """``strength="auto"``: the strongest steering that keeps the text fluent, found per topic in seconds.
 
-Swap (and Weight) weight the pre-activations by ``scores ** strength`` (:class:`saealign.steer.Steering`):
+Swap (and Weight) weight the pre-activations by ``scores ** strength`` (:class:`saealign.steering.edits.Steering`):
 ``strength=1`` is the paper's Swap, ``0`` gives every latent weight 1 (the plain SAE: in ``error`` mode
 no edit at all), larger values let only the best-scored latents win. Stronger moves text further
 toward the topic and, past some point, breaks fluency. The paper leaves the trade-off to the user;
@@ -35,15 +35,15 @@ import numpy as np
 import torch
 
 from saealign.cache import hash_json
-from saealign.embed import min_distances
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel, load_model
+from saealign.reference.embed import min_distances
 
 if TYPE_CHECKING:
-    from saealign.generate import Aligner, Generation
-    from saealign.scoring import TopicScores
+    from saealign.reference.scoring import TopicScores
+    from saealign.steering.aligner import Aligner, Generation
 
-NEUTRAL_PROMPTS = Path(__file__).parent / "data" / "neutral_prompts.txt"
+NEUTRAL_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "neutral_prompts.txt"
 AUTO = "auto"
 
 

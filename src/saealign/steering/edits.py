@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from saealign.errors import SaealignError
-from saealign.sae import SAE
+from saealign.sae.autoencoder import SAE
 
 METHODS = ("none", "sae", "clamp", "swap", "weight")
 MODES = ("error", "replace")

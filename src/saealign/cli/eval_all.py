@@ -16,9 +16,9 @@ from typing import Any
 
 import click
 
-from saealign import cli_eval
-from saealign.cli import friendly, parse_layers
-from saealign.cli_eval import data_option, eval_group
+from saealign.cli import evaluation as cli_eval
+from saealign.cli.app import friendly, parse_layers
+from saealign.cli.evaluation import data_option, eval_group
 
 
 @eval_group.command("frontier")
@@ -43,7 +43,7 @@ def frontier_cmd(layer: int, topics: str, strengths: str, baselines: str, seeds:
 
     Example: saealign eval frontier --topics medical,amazon,sycophancy
     """
-    from saealign.cli_eval_suite import (
+    from saealign.cli.eval_suite import (
         frontier_table,
         parse_baselines,
         parse_strengths,
@@ -88,8 +88,7 @@ def all_cmd(ctx: click.Context, out: Path, quick: bool, layers: str, judge: str,
 
     Example: saealign eval all --out reports/all       (hours on a 2-core CPU; --quick: minutes)
     """
-    from saealign.cli_eval import generation_cmd, topic_signal_cmd
-    from saealign.cli_eval_paper import (
+    from saealign.cli.eval_paper import (
         ablation_cmd,
         cost_cmd,
         coverage_cmd,
@@ -97,7 +96,8 @@ def all_cmd(ctx: click.Context, out: Path, quick: bool, layers: str, judge: str,
         topk_cmd,
         train_acceptability_cmd,
     )
-    from saealign.cli_eval_suite import ACCEPTABILITY_MAX_TRAIN
+    from saealign.cli.eval_suite import ACCEPTABILITY_MAX_TRAIN
+    from saealign.cli.evaluation import generation_cmd, topic_signal_cmd
     from saealign.errors import SaealignError
 
     wanted = [s for s in only.split(",") if s]

@@ -1,4 +1,4 @@
-"""The sampling loop behind :mod:`saealign.generate`: one batch, one step at a time, with a KV cache.
+"""The sampling loop behind :mod:`saealign.steering.aligner`: one batch, one step at a time, with a KV cache.
 
 Written by hand rather than through ``model.generate`` so that
 
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from saealign.errors import SaealignError
-from saealign.steer import SteeringHook
+from saealign.steering.edits import SteeringHook
 
 
 @dataclass(frozen=True)

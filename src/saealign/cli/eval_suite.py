@@ -14,17 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from saealign import cli_eval
+from saealign.cli import evaluation as cli_eval
 from saealign.errors import SaealignError
 from saealign.evaluate.conditions import Condition, ConditionInputs, gap_closed, run_conditions
 from saealign.evaluate.report import markdown_table, scatter_plot, write_rows
 from saealign.evaluate.topics import TOPICS, split, topic_prompts, topic_texts
 
 if TYPE_CHECKING:
-    from saealign.embed import TextEmbedder
-    from saealign.finetune import FineTuned
-    from saealign.generate import Aligner
+    from saealign.evaluate.finetune import FineTuned
     from saealign.models import LoadedModel
+    from saealign.reference.embed import TextEmbedder
+    from saealign.steering.aligner import Aligner
 
 BASELINES = ("prompt", "lora", "full")
 ACCEPTABILITY_MAX_TRAIN = "saealign.acceptability_max_train"
@@ -56,7 +56,7 @@ class SuiteOptions:
 def finetuned(aligner: Aligner, texts: list[str], method: str, epochs: int = 3) -> FineTuned:
     """``aligner``'s model fine-tuned on ``texts`` (trained once per process, then reused)."""
     from saealign.cache import hash_json
-    from saealign.finetune import FineTuneConfig, finetune
+    from saealign.evaluate.finetune import FineTuneConfig, finetune
 
     key = (aligner.lm.key, hash_json([texts, epochs]), method)
     if key not in _FINETUNED:
@@ -86,7 +86,7 @@ def topic_inputs(data: Path, topic: str, n_topic: int, n_heldout: int, max_promp
 
 def _inputs(aligner_for: Any, layer: int, topic: str, baselines: tuple[str, ...], opts: SuiteOptions
             ) -> tuple[ConditionInputs, list[str]]:
-    from saealign.generate import Aligner
+    from saealign.steering.aligner import Aligner
 
     texts, heldout, prompts = topic_inputs(opts.data, topic, opts.n_topic, opts.n_heldout, opts.max_prompts)
     inputs = ConditionInputs(prompts, texts, heldout, opts.judge, opts.embedder, opts.seeds, opts.max_new_tokens,
@@ -187,8 +187,8 @@ def frontier_table(aligner_for: Any, layer: int, topics: tuple[str, ...], streng
 def suite_options(data: Path | None, judge: str, seeds: str, max_new_tokens: int, n_topic: int, n_heldout: int,
                   acceptability: bool, max_prompts: int | None = None) -> SuiteOptions:
     """Load the judge, embedder and (when asked and possible) the acceptability classifier."""
-    from saealign.embed import Embedder
     from saealign.models import load_model
+    from saealign.reference.embed import Embedder
 
     try:
         seed_list = tuple(int(s) for s in seeds.split(","))

@@ -12,9 +12,9 @@ from typing import Any
 
 import click
 
-from saealign import cli_eval
-from saealign.cli import friendly, parse_layers
-from saealign.cli_eval import data_option, eval_group
+from saealign.cli import evaluation as cli_eval
+from saealign.cli.app import friendly, parse_layers
+from saealign.cli.evaluation import data_option, eval_group
 from saealign.errors import SaealignError
 
 
@@ -199,7 +199,7 @@ def cost_cmd(layer: int, data: Path | None, n_topic: int, finetune: bool, out: P
 
     Example: saealign eval cost --layer 15
     """
-    from saealign.cli_eval_suite import finetuned
+    from saealign.cli.eval_suite import finetuned
     from saealign.evaluate.cost import measure_cost
     from saealign.evaluate.topics import topic_prompts
 

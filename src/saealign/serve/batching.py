@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from saealign.errors import SaealignError
-from saealign.generate import Aligner, Generation, TokenEvent
-from saealign.scoring import TopicScores
+from saealign.reference.scoring import TopicScores
+from saealign.steering.aligner import Aligner, Generation, TokenEvent
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The routes of :func:`saealign.server.create_app`: saealign's own API and the OpenAI-compatible one.
+"""The routes of :func:`saealign.serve.app.create_app`: saealign's own API and the OpenAI-compatible one.
 
 OpenAI compatibility: ``/v1/completions`` and ``/v1/chat/completions`` accept OpenAI's request
 fields and answer in OpenAI's schema (streams as ``chat.completion.chunk`` / ``text_completion``
@@ -22,13 +22,13 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from saealign.generate import Generation, TokenEvent
-from saealign.server import ApiError, GenerateRequest, Method, Mode, TopicRequest
-from saealign.server_batching import GenOptions, StreamEnd, StreamJob
+from saealign.serve.app import ApiError, GenerateRequest, Method, Mode, TopicRequest
+from saealign.serve.batching import GenOptions, StreamEnd, StreamJob
+from saealign.steering.aligner import Generation, TokenEvent
 
 if TYPE_CHECKING:
-    from saealign.scoring import TopicScores
-    from saealign.server import ServerState
+    from saealign.reference.scoring import TopicScores
+    from saealign.serve.app import ServerState
 
 FINISH = {"eos": "stop", "length": "length"}
 

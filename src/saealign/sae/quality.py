@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from saealign.models import LoadedModel, content_mask, hidden_from_output, layer_module, special_token_ids
-from saealign.sae import SAE
+from saealign.sae.autoencoder import SAE
 
 OUTLIER_NORM_RATIO = 3.0
 

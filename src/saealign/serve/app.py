@@ -9,7 +9,7 @@
     POST /v1/completions, /v1/chat/completions     OpenAI-compatible, plus ``topic`` and ``saealign`` fields
     GET  /v1/examples, /v1/models, /health, /openapi.json, / (the page)
 
-One process holds one :class:`Aligner`; :class:`~saealign.server_batching.ModelWorker` batches the
+One process holds one :class:`Aligner`; :class:`~saealign.serve.batching.ModelWorker` batches the
 concurrent requests onto its single model thread. Every mistake is a 4xx JSON ``{"error": message}``
 (OpenAI routes: ``{"error": {"message", "type", "code"}}``) and the server keeps serving.
 """
@@ -35,11 +35,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from saealign.cache import hash_json
-from saealign.decoding import Sampling
 from saealign.errors import SaealignError
-from saealign.generate import Aligner, TokenEvent
-from saealign.scoring import METRICS, SUMMARIES, TopicScores
-from saealign.server_batching import (
+from saealign.reference.scoring import METRICS, SUMMARIES, TopicScores
+from saealign.serve.batching import (
     BatchResult,
     GenerateJob,
     GenOptions,
@@ -48,7 +46,9 @@ from saealign.server_batching import (
     StreamFailed,
     StreamJob,
 )
-from saealign.steer import Steering
+from saealign.steering.aligner import Aligner, TokenEvent
+from saealign.steering.decoding import Sampling
+from saealign.steering.edits import Steering
 
 WEB_DIR = Path(__file__).parent / "web"
 Method = Literal["none", "sae", "clamp", "swap", "weight"]
@@ -271,7 +271,7 @@ def _num(x: Any) -> float | None:
 # -- the app -----------------------------------------------------------------------------------------
 def create_app(aligner: Aligner, limits: ServerLimits | None = None) -> FastAPI:
     """The ASGI app serving ``aligner`` (start it with :func:`serve`, or any ASGI server, one worker)."""
-    from saealign import server_routes
+    from saealign.serve import routes as server_routes
 
     limits = limits or ServerLimits()
     state = ServerState(aligner, limits)
