@@ -1,0 +1,131 @@
+"""One description of a generation request: :class:`GenerationSpec`, and the vocabulary it uses.
+
+The CLI, the server, the evaluation and the strength search all build a ``GenerationSpec`` and pass
+it to :class:`saealign.steering.aligner.Aligner`; nothing else carries generation options. The
+method and mode names, the unscored-latent policies and the strength rules live here and only here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from saealign.errors import SaealignError
+
+METHODS = ("none", "sae", "clamp", "swap", "weight", "add", "swap_add")
+"""``none`` (no edit), ``sae`` (the SAE alone), the paper's ``clamp``/``swap``/``weight``, and the additive
+methods: ``add`` (topic direction built from the decoder rows of the best latents) and ``swap_add``
+(Swap's re-ranking plus that direction). See :mod:`saealign.steering.edits`."""
+TOPIC_METHODS = ("clamp", "swap", "weight", "add", "swap_add")
+"""Methods that need a topic."""
+STRENGTH_METHODS = ("swap", "weight", "add", "swap_add")
+"""Methods that read ``strength`` (the others ignore it) and that ``strength="auto"`` can search."""
+MODES = ("error", "replace")
+"""``error``: x + dec(a') − dec(a) (an unedited SAE is the identity); ``replace``: dec(a') (the paper)."""
+UNSCORED = ("neutral", "drop")
+"""What Swap/Weight do with latents the topic did not score (too few reference prompts): ``neutral``
+weighs them as an average scored latent (no evidence either way); ``drop`` gives them weight 0 (the
+paper's arithmetic: 0 ** strength)."""
+AUTO = "auto"
+
+STRENGTH_RANGE: dict[str, tuple[float, float]] = {
+    "swap": (0.0, 8.0),
+    "weight": (0.0, 8.0),
+    "add": (0.0, 2.0),
+    "swap_add": (0.0, 2.0),
+}
+"""The strengths each method can use. Swap/Weight weigh latents by ``score ** strength``: past 8 every
+weight but the top few underflows and the edit is the same as at 8. The additive methods add
+``strength × median residual norm`` along a unit direction: past 2 the direction swamps the residual
+and the text is no longer language."""
+
+
+def parse_strength(value: object, method: str = "swap") -> float | str:
+    """``"auto"`` or a finite number within the method's range (:data:`STRENGTH_RANGE`), from any input.
+
+    Accepts numbers and their text (CLI, JSON); refuses ``inf``, ``nan``, booleans and other words
+    with one line that says what the method takes.
+    """
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    if isinstance(value, bool):
+        raise SaealignError(f"strength must be a number or 'auto', got {value!r}")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise SaealignError(f"strength must be a number or 'auto', got {value!r}") from None
+    low, high = STRENGTH_RANGE.get(method, (0.0, math.inf))
+    if not math.isfinite(number) or not low <= number <= high:
+        span = f"between {low:g} and {high:g}" if math.isfinite(high) else f">= {low:g}"
+        raise SaealignError(f"strength for {method} must be {span} (or auto), got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """How to generate and how to steer: one frozen value per request (seeds and prompts travel apart).
+
+    ``GenerationSpec(method="swap", strength=1)`` is the paper's Swap; ``replace(spec, top_k=10)``
+    derives another. Every field is checked on construction, so a spec that exists is valid.
+    """
+
+    method: str = "swap"
+    """One of :data:`METHODS`."""
+    mode: str = "error"
+    """One of :data:`MODES` (the edit-based methods; the additive ones always add to x)."""
+    strength: float | str = AUTO
+    """A number within :data:`STRENGTH_RANGE` for the method, or ``"auto"`` (searched per topic)."""
+    max_new_tokens: int = 64
+    top_k: int = 5
+    """Sample among the ``top_k`` most likely tokens (the paper: 5)."""
+    temperature: float = 1.0
+    greedy: bool = False
+    """Take the most likely token (deterministic; top_k, temperature and seeds unused)."""
+    chat: bool = False
+    """Wrap each prompt in the tokenizer's chat template."""
+    steer_prompt: bool = True
+    """Edit the prompt's positions too (False: only the positions that predict new tokens)."""
+    clamp_n: int = 5
+    """Clamp: how many of the highest-scoring latents are forced on."""
+    clamp_multiplier: float = 10.0
+    """Clamp: forced value as a multiple of each latent's max activation over the reference set."""
+    unscored: str = "drop"
+    """Swap/Weight: what latents without a score weigh (:data:`UNSCORED`)."""
+    n_latents: int = 64
+    """Additive methods: how many of the best latents build the topic direction."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SaealignError(f"unknown steering method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.mode not in MODES:
+            raise SaealignError(f"unknown steering mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.unscored not in UNSCORED:
+            raise SaealignError(f"unknown unscored policy {self.unscored!r}: use one of {', '.join(UNSCORED)}")
+        object.__setattr__(self, "strength", parse_strength(self.strength, self.method))
+        if self.max_new_tokens < 1:
+            raise SaealignError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.top_k < 1:
+            raise SaealignError(f"top_k must be at least 1, got {self.top_k}")
+        if not self.greedy and not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise SaealignError(f"temperature must be a finite number > 0, got {self.temperature}: or use greedy")
+        if self.clamp_n < 1:
+            raise SaealignError(f"clamp_n must be at least 1, got {self.clamp_n}")
+        if not (self.clamp_multiplier > 0 and math.isfinite(self.clamp_multiplier)):
+            raise SaealignError(f"clamp_multiplier must be a finite number > 0, got {self.clamp_multiplier}")
+        if self.n_latents < 1:
+            raise SaealignError(f"n_latents must be at least 1, got {self.n_latents}")
+
+    @property
+    def needs_topic(self) -> bool:
+        return self.method in TOPIC_METHODS
+
+    @property
+    def is_auto(self) -> bool:
+        return self.strength == AUTO
+
+    def with_strength(self, strength: float | str) -> GenerationSpec:
+        return replace(self, strength=strength)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
