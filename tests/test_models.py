@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from conftest import make_llama, make_tokenizer
 from saealign import models
-from saealign.cache import atomic_dir, cache_dir, cache_root
+from saealign.cache import cache_dir, cache_root
 from saealign.errors import SaealignError
 from saealign.models import (
     content_mask,
@@ -243,32 +243,7 @@ def test_cache_root_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert cache_root() == tmp_path / "home" / ".cache" / "saealign"
 
 
-def test_atomic_dir_leaves_nothing_on_error(tmp_path: Path):
-    final = tmp_path / "entry"
-    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
-        (tmp / "half.txt").write_text("half")
-        raise RuntimeError("interrupted")
-    assert list(tmp_path.iterdir()) == []
-    # An existing entry survives a failed rewrite untouched.
-    final.mkdir()
-    (final / "old.txt").write_text("old")
-    with pytest.raises(KeyboardInterrupt), atomic_dir(final) as tmp:
-        (tmp / "new.txt").write_text("new")
-        raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == [final]
-    assert [p.name for p in final.iterdir()] == ["old.txt"]
-
-
-def test_atomic_dir_replaces_on_success(tmp_path: Path):
-    final = tmp_path / "entry"
-    final.mkdir()
-    (final / "old.txt").write_text("old")
-    with atomic_dir(final) as tmp:
-        assert tmp.parent == tmp_path and tmp != final
-        (tmp / "new.txt").write_text("new")
-        assert (final / "old.txt").exists()  # nothing visible under the final name until the end
-    assert list(tmp_path.iterdir()) == [final]
-    assert [p.name for p in final.iterdir()] == ["new.txt"]
+# atomic_dir itself: tests/test_cache.py
 
 
 # -- dtype -----------------------------------------------------------------------------------------

@@ -116,7 +116,8 @@ def test_save_is_saelens_layout(tmp_path):
 
     folder = random_sae("relu", k=None, hook_layer=2).save(tmp_path / "sae")
     cfg = json.loads((folder / "cfg.json").read_text())
-    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    # the SAELens pair, plus the record of what saealign wrote (so a later save never deletes other files)
+    assert sorted(p.name for p in folder.iterdir()) == [".saealign-owned.json", "cfg.json", "sae_weights.safetensors"]
     assert (cfg["architecture"], cfg["hook_name"], cfg["d_in"], cfg["d_sae"]) == (
         "standard", "blocks.2.hook_resid_post", 8, 16
     )
