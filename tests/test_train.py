@@ -16,6 +16,7 @@ from saealign.errors import SaealignError
 from saealign.models import LoadedModel, residuals_at
 from saealign.sae import training as train
 from saealign.sae.autoencoder import SAE, SAEConfig
+from saealign.sae.checkpoint import load_checkpoint
 from saealign.sae.formats import load_sae
 from saealign.sae.quality import evaluate_sae
 from saealign.sae.training import TrainConfig, activation_stream, train_and_save, train_saes
@@ -147,8 +148,8 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_lm: LoadedModel, trai
         mp.setattr(train.TopKTrainer, "train_batch", dies_mid_second_buffer)
         with pytest.raises(_Killed):
             train_saes(tiny_lm, TEXTS, CFG, checkpoint_dir=ckpt, progress=False)
-    state = torch.load(ckpt / "checkpoint.pt", weights_only=False)
-    assert state["trainers"][0]["step"] == 3 and state["tokens_seen"] == 3 * 256
+    state = load_checkpoint(ckpt)
+    assert state is not None and state["trainers"][0]["step"] == 3 and state["tokens_seen"] == 3 * 256
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no half-written temporary folders
 
     resumed, facts = train_saes(tiny_lm, TEXTS, CFG, checkpoint_dir=ckpt, progress=False)

@@ -8,7 +8,8 @@ residual error, weight 1/32), Adam with linear warm-up and a linear decay over t
 Activations stream from a partial forward (bf16) that stops at the deepest requested layer, so one
 pass feeds SAEs for several layers. The first position and special tokens are left out: the first
 position's norm is 10-100x the rest and would dominate the loss. A checkpoint is written after each
-activation buffer (SAE + optimiser + counters), so a killed run resumes exactly where it stopped.
+activation buffer (SAE + optimiser + counters, as safetensors + JSON: never a pickle), so a killed
+run resumes exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saealign.cache import atomic_dir, atomic_write_json
+from saealign.cache import atomic_write_json, check_replaceable
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel, content_mask, residuals_at_layers, special_token_ids
 from saealign.sae.autoencoder import SAE, SAEConfig
+from saealign.sae.checkpoint import load_checkpoint, save_checkpoint
 from saealign.sae.quality import SAEQuality, evaluate_sae
 
 
@@ -233,17 +235,13 @@ class TopKTrainer:
 
 def _save_checkpoint(folder: Path, trainers: list[TopKTrainer], texts_consumed: int, tokens_seen: int,
                      cfg: TrainConfig, rng_state: Tensor) -> None:
-    with atomic_dir(folder) as tmp:
-        torch.save(
-            {
-                "trainers": {t.layer: t.state() for t in trainers},
-                "texts_consumed": texts_consumed,
-                "tokens_seen": tokens_seen,
-                "config": asdict(cfg),
-                "rng": rng_state,
-            },
-            tmp / "checkpoint.pt",
-        )
+    save_checkpoint(folder, {
+        "trainers": {t.layer: t.state() for t in trainers},
+        "texts_consumed": texts_consumed,
+        "tokens_seen": tokens_seen,
+        "config": asdict(cfg),
+        "rng": rng_state,
+    })
 
 
 def train_saes(
@@ -274,12 +272,14 @@ def train_saes(
 
     start_text, tokens_seen = 0, 0
     shuffle_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    ckpt_file = checkpoint_dir / "checkpoint.pt" if checkpoint_dir else None
-    if ckpt_file is not None and ckpt_file.exists():
-        state = torch.load(ckpt_file, weights_only=False)
+    state = None
+    if checkpoint_dir is not None:
+        state = load_checkpoint(checkpoint_dir)
+        check_replaceable(checkpoint_dir)  # a folder we may not write is refused before any training
+    if state is not None:
         if state["config"] != asdict(cfg):
             raise SaealignError(
-                f"checkpoint {ckpt_file} was made with another training config: delete it or pass the same options"
+                f"checkpoint in {checkpoint_dir} was made with another training config: delete it or pass the same options"
             )
         for t in trainers:
             t.load_state(state["trainers"][t.layer])
@@ -331,6 +331,8 @@ def train_and_save(
 
     The saved ``cfg.json`` records the recipe (corpus, tokens, seed, steps) and the held-out figures.
     """
+    for layer in cfg.layers:
+        check_replaceable(out_dir / f"layer_{layer}")  # refused now, not after the training
     saes, facts = train_saes(lm, train_texts, cfg, checkpoint_dir, progress)
     qualities: dict[int, SAEQuality] = {}
     for layer, sae in saes.items():
