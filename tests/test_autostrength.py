@@ -16,9 +16,10 @@ from saealign.reference.embed import HashingEmbedder
 from saealign.reference.scoring import TopicScores
 from saealign.sae.autoencoder import SAE, sae_key
 from saealign.steering.aligner import Aligner
+from saealign.steering.spec import GenerationSpec as Spec
 from saealign.steering.strength import AutoStrengthConfig, continuation_nll, neutral_prompts
 
-FAST = AutoStrengthConfig(n_prompts=4, max_new_tokens=4, strengths=(0.5, 1.0, 4.0, 16.0))
+FAST = AutoStrengthConfig(n_prompts=4, max_new_tokens=4, strengths=(0.5, 1.0, 4.0, 8.0))
 PROMPTS = ["the cat sat on the", "a dog ran to"]
 
 
@@ -72,10 +73,7 @@ def test_auto_is_deterministic_cached_and_saved(sae: SAE, tmp_path, monkeypatch:
     a, b = make(sae).auto_strength(t1), make(sae).auto_strength(t2)
     assert (a.strength, a.trials, a.base_ppl) == (b.strength, b.trials, b.base_ppl)
     calls = []
-    monkeypatch.setattr(auto_mod, "choose_strength", lambda *args: calls.append(args))
-    import saealign.steering.aligner as gen_mod
-
-    monkeypatch.setattr(gen_mod, "choose_strength", lambda *args: calls.append(args))
+    monkeypatch.setattr(auto_mod, "choose_strength", lambda *args: calls.append(args))  # the aligner imports it on use
     aligner = make(sae)
     assert aligner.auto_strength(t1).trials == a.trials and not calls  # cached on the topic
     loaded = TopicScores.load(t1.save(tmp_path / "scores"))
@@ -85,22 +83,22 @@ def test_auto_is_deterministic_cached_and_saved(sae: SAE, tmp_path, monkeypatch:
 def test_generate_auto_equals_the_chosen_number(sae: SAE) -> None:
     aligner = make(sae)
     t = topic(sae, 5)
-    auto = aligner.generate(PROMPTS, t, greedy=True, max_new_tokens=5)
+    auto = aligner.generate(PROMPTS, t, Spec(greedy=True, max_new_tokens=5))
     chosen = aligner.auto_strength(t).strength
-    fixed = aligner.generate(PROMPTS, t, strength=chosen, greedy=True, max_new_tokens=5)
+    fixed = aligner.generate(PROMPTS, t, Spec(strength=chosen, greedy=True, max_new_tokens=5))
     assert [g.token_ids for g in auto] == [g.token_ids for g in fixed]
     assert [g.strength for g in auto] == [chosen, chosen]
     # methods that ignore the strength report 1.0
-    assert aligner.generate(PROMPTS[:1], t, method="clamp" if aligner.index else "sae", max_new_tokens=2)[0].strength == 1.0
+    assert aligner.generate(PROMPTS[:1], t, Spec("clamp" if aligner.index else "sae", max_new_tokens=2))[0].strength == 1.0
 
 
 def test_rows_with_different_auto_strengths_share_one_batch(sae: SAE) -> None:
     aligner = make(sae, AutoStrengthConfig(**{**FAST.__dict__, "budget": 100.0}))
     topics = [topic(sae, 7), topic(sae, 11)]
     strengths = [aligner.auto_strength(t).strength for t in topics]
-    both = aligner.generate(PROMPTS, topics, topic_per_row=[0, 1], greedy=True, max_new_tokens=5)
+    both = aligner.generate(PROMPTS, topics, Spec(greedy=True, max_new_tokens=5), topic_per_row=[0, 1])
     for i, t in enumerate(topics):
-        alone = aligner.generate(PROMPTS[i], t, strength=strengths[i], greedy=True, max_new_tokens=5)[0]
+        alone = aligner.generate(PROMPTS[i], t, Spec(strength=strengths[i], greedy=True, max_new_tokens=5))[0]
         assert both[i].token_ids == alone.token_ids and both[i].strength == strengths[i]
         assert both[i].token_contamination == pytest.approx(alone.token_contamination, abs=1e-6)
 
@@ -123,11 +121,11 @@ def test_bad_input(sae: SAE) -> None:
         AutoStrengthConfig(strengths=(1.0, -2.0))
     aligner = make(sae)
     with pytest.raises(SaealignError, match="number or 'auto'"):
-        aligner.generate(PROMPTS, topic(sae, 1), strength="strong")
+        Spec(strength="strong")
     no_embedder = Aligner(aligner.lm, sae, 0)
     with pytest.raises(SaealignError, match="needs an embedder"):
         no_embedder.generate(PROMPTS, topic(sae, 1))
-    assert no_embedder.generate(PROMPTS, topic(sae, 1), strength=1, max_new_tokens=2)  # a number needs none
+    assert no_embedder.generate(PROMPTS, topic(sae, 1), Spec(strength=1, max_new_tokens=2))  # a number needs none
     with pytest.raises(SaealignError, match="neutral prompts"):
         neutral_prompts(10_000)
 
@@ -139,8 +137,8 @@ def test_one_batch_search_equals_one_call_per_candidate(sae: SAE) -> None:
     probe = aligner.neutral_probe(FAST)
     emb = aligner.embedder.embed(t.topic_texts)  # type: ignore[union-attr]
     for trial in choice.trials:
-        gens = aligner.generate(probe.prompts, t, strength=trial["strength"], max_new_tokens=FAST.max_new_tokens,
-                                top_k=FAST.top_k, seed=FAST.seed)
+        spec = Spec(strength=trial["strength"], max_new_tokens=FAST.max_new_tokens, top_k=FAST.top_k)
+        gens = aligner.generate(probe.prompts, t, spec, seed=FAST.seed)
         nll, n = continuation_nll(aligner.lm, probe.prompt_ids, [g.token_ids for g in gens])
         assert trial["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
         assert trial["distance"] == pytest.approx(auto_mod._distance(aligner, [g.text for g in gens], emb), rel=1e-6)
@@ -156,7 +154,7 @@ def test_an_independent_judge_scores_the_text(sae: SAE, monkeypatch: pytest.Monk
     aligner = make(sae, AutoStrengthConfig(**{**FAST.__dict__, "judge": "other-judge"}))
     choice = aligner.auto_strength(topic(sae, 2))
     probe = aligner.neutral_probe(aligner.auto_config)
-    base = aligner.generate(probe.prompts, method="none", max_new_tokens=FAST.max_new_tokens, top_k=FAST.top_k,
+    base = aligner.generate(probe.prompts, spec=Spec("none", max_new_tokens=FAST.max_new_tokens, top_k=FAST.top_k),
                             seed=FAST.seed)
     assert choice.judge == "other-judge" and probe.judge is judge
     assert choice.base_ppl == pytest.approx(perplexity(text_nll(judge, probe.prompts, [g.text for g in base])))

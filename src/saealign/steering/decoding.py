@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from saealign.errors import SaealignError
 from saealign.steering.edits import SteeringHook
+from saealign.steering.spec import GenerationSpec
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,11 @@ class Sampling:
             raise SaealignError(f"top_k must be at least 1, got {self.top_k}")
         if not self.greedy and not self.temperature > 0:
             raise SaealignError(f"temperature must be > 0, got {self.temperature}: use greedy=True for argmax")
+
+    @classmethod
+    def of(cls, spec: GenerationSpec) -> Sampling:
+        """The sampling fields of a generation spec."""
+        return cls(spec.max_new_tokens, spec.top_k, spec.temperature, spec.greedy)
 
 
 class Step(NamedTuple):

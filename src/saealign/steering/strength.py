@@ -38,6 +38,7 @@ from saealign.cache import hash_json
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel, load_model
 from saealign.reference.embed import min_distances
+from saealign.steering.spec import GenerationSpec
 
 if TYPE_CHECKING:
     from saealign.reference.scoring import TopicScores
@@ -166,8 +167,8 @@ class NeutralProbe:
         self.prompt_ids = [list(tok(p)["input_ids"]) for p in self.prompts]
         self.own = aligner.lm
         self.judge = aligner.lm if cfg.judge == "self" else load_model(cfg.judge)
-        base = aligner.generate(self.prompts, method="none", max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k,
-                                seed=cfg.seed)
+        plain = GenerationSpec("none", max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k)
+        base = aligner.generate(self.prompts, spec=plain, seed=cfg.seed)
         self.base_texts = [g.text for g in base]
         self.base_ppl = self.perplexity(base)
 
@@ -217,9 +218,9 @@ def choose_strength(aligner: Aligner, topic: TopicScores, method: str = "swap", 
     # the same random stream, so candidates differ only by their strength.
     candidates = sorted(set(cfg.strengths))
     n = len(probe.prompts)
-    gens = aligner.generate(probe.prompts * len(candidates), topic=topic, method=method, mode=mode,
-                            strength=[s for s in candidates for _ in range(n)], max_new_tokens=cfg.max_new_tokens,
-                            top_k=cfg.top_k, seed=cfg.seed, steer_prompt=steer_prompt)
+    spec = GenerationSpec(method, mode, max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, steer_prompt=steer_prompt)
+    gens = aligner.generate(probe.prompts * len(candidates), topic, spec, seed=cfg.seed,
+                            strength_per_row=[s for s in candidates for _ in range(n)])
     trials: list[dict[str, float]] = []
     for c, s in enumerate(candidates):
         rows = gens[c * n : (c + 1) * n]

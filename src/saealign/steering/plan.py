@@ -1,0 +1,160 @@
+"""One generation request resolved into what the decoding loop needs: token ids, topics, the steering hook.
+
+Pure functions of the model, the SAE and a :class:`~saealign.steering.spec.GenerationSpec`;
+:class:`saealign.steering.aligner.Aligner` calls them in order and owns what needs its state (the
+reference index, the embedder, the strength search).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saealign.errors import SaealignError
+from saealign.models import LoadedModel
+from saealign.reference.scoring import TopicScores
+from saealign.sae.autoencoder import SAE
+from saealign.steering.edits import Steering, SteeringHook
+from saealign.steering.spec import STRENGTH_METHODS, GenerationSpec, parse_strength
+
+TopicArg = TopicScores | Sequence[TopicScores] | Sequence[str] | str | None
+"""A topic argument: scores, several scores (with ``topic_per_row``), topic texts, or None."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one generation call needs, resolved and checked."""
+
+    prompts: list[str]
+    rows: list[list[int]]
+    """Token ids fed to the model, one list per prompt."""
+    generators: list[torch.Generator]
+    seeds: list[int]
+    topic_index: list[int | None]
+    hook: SteeringHook | None
+    strengths: list[float]
+    """The strength each row was steered with (``auto`` resolved per topic)."""
+    spec: GenerationSpec
+
+
+def seeds_for(seed: int | Sequence[int], n: int) -> list[int]:
+    """One seed per prompt: ``seed`` repeated, or the list checked against the prompts."""
+    seeds = [seed] * n if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != n:
+        raise SaealignError(f"{len(seeds)} seeds for {n} prompts: give one seed, or one per prompt")
+    return seeds
+
+
+def row_strengths(spec: GenerationSpec, strength_per_row: Sequence[float] | None, n: int) -> list[float] | None:
+    """The rows' numeric strengths when they are known without a search (None: ``auto``, resolved per topic)."""
+    if strength_per_row is not None:
+        if len(strength_per_row) != n:
+            raise SaealignError(f"{len(strength_per_row)} strengths for {n} prompts: give one per prompt, or none")
+        return [float(parse_strength(s, spec.method)) for s in strength_per_row]
+    if spec.method not in STRENGTH_METHODS:
+        return [1.0] * n  # unused by the method: reported as 1
+    return None if spec.is_auto else [float(spec.strength)] * n  # type: ignore[arg-type]
+
+
+def steering(spec: GenerationSpec, strength: float) -> Steering:
+    """The latent edit of ``spec`` at one numeric strength."""
+    return Steering(spec.method, spec.mode, spec.clamp_n, spec.clamp_multiplier, strength)
+
+
+def encode_prompt(lm: LoadedModel, i: int, prompt: str, chat: bool, max_new_tokens: int) -> tuple[str, list[int]]:
+    """``(text fed to the tokenizer, its token ids)`` of prompt ``i``, checked against the context length."""
+    tok: Any = lm.tokenizer
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise SaealignError(f"prompt {i} is empty: give some text to continue")
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise SaealignError(f"the tokenizer of {lm.name} has no chat template: generate with chat=False")
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])  # the template holds the BOS
+    else:
+        text, ids = prompt, list(tok(prompt)["input_ids"])
+    if not ids:
+        raise SaealignError(f"prompt {i} encodes to no tokens: give some text to continue")
+    config: Any = lm.model.config
+    limit = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                    "max_position_embeddings", None)
+    if limit is not None and len(ids) + max_new_tokens > limit:
+        raise SaealignError(
+            f"prompt {i} has {len(ids)} tokens and max_new_tokens is {max_new_tokens}, more than the model's "
+            f"context of {limit} tokens: shorten the prompt or lower max_new_tokens"
+        )
+    return text, [int(t) for t in ids]
+
+
+def eos_ids(lm: LoadedModel) -> set[int]:
+    """The tokenizer's end-of-sequence id and the model's generation-config ones (chat models add theirs)."""
+    ids: set[int] = set()
+    for value in (
+        getattr(lm.tokenizer, "eos_token_id", None),
+        getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None),
+    ):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def resolve_topics(
+    topic: TopicArg, topic_per_row: Sequence[int] | None, n: int, score: Callable[[list[str]], TopicScores],
+    sae_key: str, d_sae: int,
+) -> tuple[list[TopicScores], list[int | None]]:
+    """The topics given (texts scored with ``score``, all checked against the SAE) and each row's topic index."""
+    if topic is None:
+        if topic_per_row is not None:
+            raise SaealignError("topic_per_row was given without topics: pass topic=[scores, ...]")
+        return [], [None] * n
+    if isinstance(topic, TopicScores):
+        topics = [topic]
+    elif isinstance(topic, str) or (isinstance(topic, Sequence) and topic and all(isinstance(t, str) for t in topic)):
+        topics = [score([topic] if isinstance(topic, str) else [str(t) for t in topic])]
+    elif isinstance(topic, Sequence) and topic and all(isinstance(t, TopicScores) for t in topic):
+        topics = list(topic)  # type: ignore[arg-type]
+    else:
+        raise SaealignError("topic must be TopicScores, a list of TopicScores, or a non-empty list of topic texts")
+    if topic_per_row is None:
+        if len(topics) > 1:
+            raise SaealignError(f"{len(topics)} topics given: pass topic_per_row (one topic index per prompt)")
+        per_row: list[int | None] = [0] * n
+    else:
+        per_row = [int(i) for i in topic_per_row]
+        if len(per_row) != n or not all(0 <= i < len(topics) for i in per_row):  # type: ignore[operator]
+            raise SaealignError(
+                f"topic_per_row must hold one index in 0..{len(topics) - 1} per prompt ({n}), got {list(topic_per_row)}"
+            )
+    for j, t in enumerate(topics):
+        t.check_compatible(sae_key, d_sae)
+        if not (t.scored.any() and (t.scores > 0).any()):
+            raise SaealignError(
+                f"the topic scores no latent: every score of topic {j} is 0 ({t.note or 'no latent scored'}): "
+                "score it against an index with more prompts, or lower min_prompts"
+            )
+    return topics, per_row
+
+
+def make_hook(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
+              strengths: list[float], max_act: Tensor | None) -> SteeringHook | None:
+    """The hook that steers (and measures) the batch; None when nothing is edited or measured."""
+    device = sae.W_enc.device
+    if not topics:
+        if spec.method == "sae":  # nothing to measure without a topic, but the SAE still edits
+            return SteeringHook(sae, steering(spec, 1.0), torch.zeros(sae.d_sae, device=device), record=False)
+        return None
+    used = sorted({i for i in per_row if i is not None})
+    scores = (topics[used[0]].as_tensor(device) if len(used) == 1
+              else torch.stack([topics[i].as_tensor(device) for i in per_row]))  # type: ignore[index]
+    weights = None
+    if len(set(strengths)) > 1:  # rows steered with different strengths: one weight vector per row
+        if scores.dim() == 1:
+            scores = scores.expand(len(per_row), -1).contiguous()
+        weights = torch.stack([steering(spec, s).weights(scores[i]) for i, s in enumerate(strengths)])
+    return SteeringHook(sae, steering(spec, strengths[0]), scores, max_act, weights=weights)
