@@ -12,8 +12,13 @@ Methods (``γ = sae.pre(x)``, ``a = σ(γ)``, ``s`` the topic scores, ``w = s **
   original values (the paper's eq. 3);
 - ``weight``: ``a' = σ(γ ⊙ w)`` (appendix A.4).
 
+- ``add``: the layer output is ``x + v`` with ``v`` a topic direction already scaled
+  (:mod:`saealign.steering.directions`); a' = σ(pre(x + v)), what the steered residual reads as;
+- ``swap_add``: Swap's edit, then ``+ v``; a' = σ(pre(out)) likewise.
+
 Output modes: ``replace`` (the paper) writes ``dec(a')`` into the residual stream; ``error`` writes
 ``x + dec(a') − dec(a)``, keeping the SAE's reconstruction error, so an unedited SAE is the identity.
+The additive methods always keep x (an additive push on a reconstruction would pay its error too).
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ from torch.utils.hooks import RemovableHandle
 
 from saealign.errors import SaealignError
 from saealign.sae.autoencoder import SAE
+from saealign.steering.spec import METHODS, MODES, STRENGTH_RANGE
 
-METHODS = ("none", "sae", "clamp", "swap", "weight")
-MODES = ("error", "replace")
+ADDITIVE = ("add", "swap_add")
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,7 @@ class Steering:
     """How to edit the latents at the hooked layer. A value: build one per request, reuse freely."""
 
     method: str = "swap"
-    """One of none, sae, clamp, swap, weight."""
+    """One of :data:`saealign.steering.spec.METHODS`."""
     mode: str = "error"
     """``error``: x + dec(a') − dec(a) (keeps fluency); ``replace``: dec(a') (the paper)."""
     clamp_n: int = 5
@@ -59,8 +64,9 @@ class Steering:
             raise SaealignError(f"clamp_n must be at least 1, got {self.clamp_n}")
         if not self.clamp_multiplier > 0:
             raise SaealignError(f"clamp_multiplier must be positive, got {self.clamp_multiplier}")
-        if not self.strength >= 0:
-            raise SaealignError(f"strength must be >= 0, got {self.strength}")
+        low, high = STRENGTH_RANGE.get(self.method, (0.0, float("inf")))
+        if not low <= self.strength <= high:
+            raise SaealignError(f"strength for {self.method} must be between {low:g} and {high:g}, got {self.strength}")
 
     def weights(self, scores: Tensor) -> Tensor:
         """``scores ** strength`` (the scores themselves, bit for bit, when strength is 1)."""
@@ -104,11 +110,6 @@ def _rowwise(scores: Tensor, gamma: Tensor) -> Tensor:
         f"scores of shape {tuple(scores.shape)} do not fit activations {tuple(gamma.shape)}: "
         "pass [d_sae] or [batch, d_sae]"
     )
-
-
-def edit_sae(sae: SAE, gamma: Tensor) -> Tensor:
-    """``a = σ(γ)``: ``gamma [..., d_sae] -> [..., d_sae]``."""
-    return sae.activate(gamma)
 
 
 def edit_clamp(sae: SAE, gamma: Tensor, scores: Tensor, max_act: Tensor, n: int, multiplier: float) -> Tensor:
@@ -184,12 +185,14 @@ def apply_edit(
     scores: Tensor,
     max_act: Tensor | None = None,
     weights: Tensor | None = None,
+    direction: Tensor | None = None,
 ) -> EditOutput:
     """Edit the latents of ``x [..., d_in]`` as ``steering`` says; see the module docstring.
 
     ``scores [d_sae] | [batch, d_sae]`` in [0, 1] (1 = aligned); ``max_act [d_sae]`` is needed by clamp.
     ``weights`` (same shapes as ``scores``) replaces ``steering.weights(scores)`` for Swap/Weight, e.g. to
-    give each row of a batch its own strength.
+    give each row of a batch its own strength. ``direction [d_in] | [batch, d_in]`` (already scaled) is what the
+    additive methods add.
     The SAE maths runs in the SAE's dtype; ``out`` comes back in x's dtype. In ``error`` mode x is
     never rounded to the SAE's dtype: only the change is, so an unedited token is returned bit for bit.
     """
@@ -203,7 +206,9 @@ def apply_edit(
         scores = exact_scores.to(sae.dtype)
         gamma = sae.pre(x)
         a = sae.activate(gamma)
-        if steering.method in ("none", "sae"):
+        if steering.method in ADDITIVE and direction is None:
+            raise SaealignError(f"{steering.method} needs a topic direction (saealign.steering.directions)")
+        if steering.method in ("none", "sae", "add"):
             a_edit = a
         elif steering.method == "clamp":
             if max_act is None:
@@ -215,15 +220,21 @@ def apply_edit(
             )
         else:
             w = steering.weights(scores) if weights is None else weights.to(x.device, sae.dtype)
-            edit = edit_swap if steering.method == "swap" else edit_weight
+            edit = edit_weight if steering.method == "weight" else edit_swap
             a_edit = edit(sae, gamma, w)
 
         if steering.method == "none":
             out = x
-        elif steering.mode == "replace":
+        elif steering.mode == "replace" and steering.method not in ADDITIVE:
             out = sae.decode(a_edit, x).to(x.dtype)
+        elif steering.method == "add":
+            out = x
         else:
             out = x + _decoded_change(sae, x, a_edit, a).to(x.dtype)
+        if steering.method in ADDITIVE:
+            assert direction is not None
+            out = out + _rowwise(direction.to(x.device), x).to(x.dtype)
+            a_edit = sae.activate(sae.pre(out))  # what the pushed residual reads as
         return EditOutput(
             out=out,
             acts_edited=a_edit,
@@ -264,7 +275,10 @@ class SteeringHook:
         max_act: Tensor | None = None,
         record: bool = True,
         weights: Tensor | None = None,
+        direction: Tensor | None = None,
     ) -> None:
+        if steering.method in ADDITIVE and (direction is None or direction.shape[-1] != sae.d_in):
+            raise SaealignError(f"{steering.method} needs a topic direction of {sae.d_in} values per row")
         if weights is not None and weights.shape != scores.shape:
             raise SaealignError(f"weights of shape {tuple(weights.shape)} must match scores {tuple(scores.shape)}")
         if scores.dim() not in (1, 2) or scores.shape[-1] != sae.d_sae:
@@ -281,6 +295,8 @@ class SteeringHook:
         self.scores = scores
         self.max_act = max_act
         self.weights = weights
+        self.direction = direction
+        """What the additive methods add (``[d_in]`` or ``[batch, d_in]``, scaled), or None."""
         """Swap/Weight weights overriding ``steering.weights(scores)`` (per-row strengths), or None."""
         self.record = record
         self.contamination: list[Tensor] = []
@@ -300,7 +316,7 @@ class SteeringHook:
         if self.steering.method == "none" and not self.record:
             return None  # nothing to change and nothing to measure: skip the SAE entirely
         hidden = output if isinstance(output, Tensor) else output[0]  # type: ignore[index]
-        res = apply_edit(self.sae, hidden, self.steering, self.scores, self.max_act, self.weights)
+        res = apply_edit(self.sae, hidden, self.steering, self.scores, self.max_act, self.weights, self.direction)
         out, contam, n_changed, n_active = res.out, res.contamination, res.n_changed, res.n_active
         if self.keep is not None:
             keep = self.keep.to(hidden.device)
