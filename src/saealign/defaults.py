@@ -79,13 +79,6 @@ def index_folder(lm: LoadedModel, sae: SAE, layer: int, corpus: Corpus) -> Path:
     return cache_dir("index", f"L{layer}-{lm.key[:8]}-{sae_key(sae)[:8]}-{corpus.fingerprint()[:8]}")
 
 
-def load_defaults(
-    layer: int | None = None, progress: bool = True
-) -> tuple[LoadedModel, SAE, int, ReferenceIndex, Embedder]:
-    """The default model, SAE, layer, reference index (built once, cached) and embedder."""
-    return load_stack(layer=layer, progress=progress)
-
-
 def load_stack(
     model: str = "default",
     sae_spec: str = "default",
@@ -102,22 +95,43 @@ def load_stack(
     index of ``corpus_spec`` (default: a stratified WordNet sample of ``max_prompts``) is built once
     into the user cache and reused.
     """
-    if sae_spec == "default" and layer is not None:
-        sae_spec = f"default:{layer}"
-    lm = load_model(model)
-    sae = resolve_sae(sae_spec)
-    layer = layer if layer is not None else (sae.cfg.hook_layer if sae.cfg.hook_layer is not None else DEFAULT_LAYER)
-    check_sae_fits(sae, lm.d_model, f"layer {layer}")
+    lm, sae, layer = _model_and_sae(model, sae_spec, layer, DEFAULT_LAYER)
     embedder = Embedder.default()
     if index_dir is not None:
         index = ReferenceIndex.load(index_dir, model_key=lm.key, sae_key=sae_key(sae), layer=layer)
         return lm, sae, layer, index, embedder
+    index = _build(lm, sae, layer, embedder, corpus_spec, max_prompts, seed, None, progress)
+    return lm, sae, layer, index, embedder
+
+
+def build_stack_index(model: str = "default", sae_spec: str = "default", layer: int | None = None,
+                      corpus_spec: str | None = None, max_prompts: int = DEFAULT_INDEX_PROMPTS, seed: int = 0,
+                      folder: Path | None = None, progress: bool = True) -> ReferenceIndex:
+    """Build (or resume) the reference index of ``corpus_spec`` for the model and SAE, in ``folder`` (default: the
+    user cache, where :func:`load_stack` finds it). An SAE that does not say which layer it reads needs ``layer``."""
+    lm, sae, layer = _model_and_sae(model, sae_spec, layer, None)
+    return _build(lm, sae, layer, Embedder.default(), corpus_spec, max_prompts, seed, folder, progress)
+
+
+def _model_and_sae(model: str, sae_spec: str, layer: int | None, fallback: int | None) -> tuple[LoadedModel, SAE, int]:
+    if sae_spec == "default" and layer is not None:
+        sae_spec = f"default:{layer}"
+    lm = load_model(model)
+    sae = resolve_sae(sae_spec)
+    layer = layer if layer is not None else (sae.cfg.hook_layer if sae.cfg.hook_layer is not None else fallback)
+    if layer is None:
+        raise SaealignError("this SAE does not say which layer it reads: pass --layer")
+    check_sae_fits(sae, lm.d_model, f"layer {layer}")
+    return lm, sae, layer
+
+
+def _build(lm: LoadedModel, sae: SAE, layer: int, embedder: Embedder, corpus_spec: str | None, max_prompts: int,
+           seed: int, folder: Path | None, progress: bool) -> ReferenceIndex:
     corpus = read_corpus(corpus_spec) if corpus_spec else read_corpus(default_corpus_spec())
     if len(corpus) > max_prompts:
         corpus = sample(corpus, max_prompts, seed=seed)
-    folder = index_folder(lm, sae, layer, corpus)
-    index = build_index(lm, sae, corpus, embedder, folder, IndexConfig(layer=layer), progress=progress)
-    return lm, sae, layer, index, embedder
+    folder = folder or index_folder(lm, sae, layer, corpus)
+    return build_index(lm, sae, corpus, embedder, folder, IndexConfig(layer=layer), progress=progress)
 
 
 def describe(model_spec: str, sae_spec: str) -> str:
