@@ -284,11 +284,23 @@ class TopicScores:
                 f"{sae_key or '?'} ({d_sae} latents): re-score the topic"
             )
 
-    def as_tensor(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Scores as a ``[L]`` tensor for steering (float32 unless ``dtype`` is given)."""
+    def as_tensor(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  unscored: str = "drop") -> torch.Tensor:
+        """Scores as a ``[L]`` tensor for steering (float32 unless ``dtype`` is given).
+
+        ``unscored="drop"`` keeps the 0 of latents without a score (the paper's arithmetic: Swap never picks
+        them); ``"neutral"`` gives them the median score of the scored latents: too little evidence to tell
+        aligned from not is neither a veto nor a vote.
+        """
         import torch
 
-        return torch.as_tensor(self.scores, device=device, dtype=dtype or torch.float32)
+        values = self.scores
+        if unscored == "neutral" and self.scored.any() and not self.scored.all():
+            values = values.copy()
+            values[~self.scored] = float(np.median(self.scores[self.scored]))
+        elif unscored not in ("drop", "neutral"):
+            raise SaealignError(f"unknown unscored policy {unscored!r}: use drop or neutral")
+        return torch.as_tensor(values, device=device, dtype=dtype or torch.float32)
 
     def save(self, path: str | Path) -> Path:
         """Write the folder ``path`` (``scores.safetensors`` + ``scores.json``) atomically."""

@@ -35,6 +35,8 @@ from saealign.reference.scoring import TopicScores
 from saealign.sae.autoencoder import SAE, sae_key
 from saealign.steering import plan as planning
 from saealign.steering.decoding import Detokenizer, Sampling, decode_steps, row_generator
+from saealign.steering.directions import SteeringBasis, load_or_measure_basis
+from saealign.steering.edits import ADDITIVE
 from saealign.steering.generation import Generation, RowRecord, TokenEvent
 from saealign.steering.plan import Plan, TopicArg
 from saealign.steering.spec import GenerationSpec
@@ -69,6 +71,7 @@ class Aligner:
         self.auto_config: AutoStrengthConfig = AutoStrengthConfig()
         """How ``strength="auto"`` searches (see :mod:`saealign.steering.strength`); replace to change the budget."""
         self._probes: dict[str, NeutralProbe] = {}
+        self._basis: SteeringBasis | None = None
         self.sae_key = sae_key(sae)
         if index is not None and (index.keys.sae != self.sae_key or index.keys.layer % lm.n_layers != self.layer):
             raise SaealignError(
@@ -157,6 +160,15 @@ class Aligner:
             self._probes[cfg.key()] = NeutralProbe(self, cfg)
         return self._probes[cfg.key()]
 
+    def steering_basis(self) -> SteeringBasis:
+        """Output scores and residual norm for the additive methods: shipped for the defaults, else measured once
+        (a minute or two on a CPU) and cached on disk. See :mod:`saealign.steering.directions`."""
+        if self._basis is None:
+            from saealign.steering.strength import neutral_prompts
+
+            self._basis = load_or_measure_basis(self.lm, self.sae, self.layer, neutral_prompts(4))
+        return self._basis
+
     def eos_ids(self) -> set[int]:
         """Token ids that end a row (see :func:`saealign.steering.plan.eos_ids`)."""
         return planning.eos_ids(self.lm)
@@ -184,7 +196,8 @@ class Aligner:
         if spec.method == "clamp" and topics:
             assert self.index is not None
             max_act = torch.as_tensor(self.index.latent_max_act, device=self.sae.W_enc.device)
-        hook = planning.make_hook(self.sae, spec, topics, per_row, strengths, max_act)
+        basis = self.steering_basis() if spec.method in ADDITIVE and topics else None
+        hook = planning.make_hook(self.sae, spec, topics, per_row, strengths, max_act, basis)
         generators = [row_generator(s, t) for s, t in zip(seeds, texts, strict=True)]
         return Plan(prompts, list(rows), generators, seeds, per_row, hook, strengths, spec)
 

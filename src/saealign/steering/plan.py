@@ -18,7 +18,8 @@ from saealign.errors import SaealignError
 from saealign.models import LoadedModel
 from saealign.reference.scoring import TopicScores
 from saealign.sae.autoencoder import SAE
-from saealign.steering.edits import Steering, SteeringHook
+from saealign.steering.directions import SteeringBasis, topic_direction
+from saealign.steering.edits import ADDITIVE, Steering, SteeringHook
 from saealign.steering.spec import STRENGTH_METHODS, GenerationSpec, parse_strength
 
 TopicArg = TopicScores | Sequence[TopicScores] | Sequence[str] | str | None
@@ -61,8 +62,24 @@ def row_strengths(spec: GenerationSpec, strength_per_row: Sequence[float] | None
 
 
 def steering(spec: GenerationSpec, strength: float) -> Steering:
-    """The latent edit of ``spec`` at one numeric strength."""
-    return Steering(spec.method, spec.mode, spec.clamp_n, spec.clamp_multiplier, strength)
+    """The latent edit of ``spec`` at one numeric strength.
+
+    The additive methods' strength scales their direction (:func:`directions_for`), not the edit:
+    ``swap_add``'s Swap is the paper's, at strength 1.
+    """
+    edit_strength = 1.0 if spec.method in ADDITIVE else strength
+    return Steering(spec.method, spec.mode, spec.clamp_n, spec.clamp_multiplier, edit_strength)
+
+
+def directions_for(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
+                   strengths: list[float], basis: SteeringBasis) -> Tensor:
+    """``[batch, d_in]`` what the additive methods add to each row: strength × ρ × the row's topic direction."""
+    out = torch.as_tensor(basis.output_scores)
+    unit = {i: topic_direction(sae, topics[i].as_tensor(unscored="drop"), spec.n_latents, out)
+            for i in sorted({j for j in per_row if j is not None})}
+    rows = [unit[t] * (s * basis.residual_norm) if t is not None else torch.zeros(sae.d_in)
+            for t, s in zip(per_row, strengths, strict=True)]
+    return torch.stack(rows).to(sae.W_enc.device)
 
 
 def encode_prompt(lm: LoadedModel, i: int, prompt: str, chat: bool, max_new_tokens: int) -> tuple[str, list[int]]:
@@ -142,7 +159,8 @@ def resolve_topics(
 
 
 def make_hook(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
-              strengths: list[float], max_act: Tensor | None) -> SteeringHook | None:
+              strengths: list[float], max_act: Tensor | None,
+              basis: SteeringBasis | None = None) -> SteeringHook | None:
     """The hook that steers (and measures) the batch; None when nothing is edited or measured."""
     device = sae.W_enc.device
     if not topics:
@@ -150,8 +168,15 @@ def make_hook(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], per_row
             return SteeringHook(sae, steering(spec, 1.0), torch.zeros(sae.d_sae, device=device), record=False)
         return None
     used = sorted({i for i in per_row if i is not None})
-    scores = (topics[used[0]].as_tensor(device) if len(used) == 1
-              else torch.stack([topics[i].as_tensor(device) for i in per_row]))  # type: ignore[index]
+    scores = (topics[used[0]].as_tensor(device, unscored=spec.unscored) if len(used) == 1
+              else torch.stack([topics[i].as_tensor(device, unscored=spec.unscored) for i in per_row]))  # type: ignore[index]
+    if spec.method in ADDITIVE:
+        if basis is None:
+            raise SaealignError(f"{spec.method} needs the steering basis of this model and SAE (output scores)")
+        direction = directions_for(sae, spec, topics, per_row, strengths, basis)
+        if scores.dim() == 1:
+            scores = scores.expand(len(per_row), -1).contiguous()
+        return SteeringHook(sae, steering(spec, 1.0), scores, max_act, direction=direction)
     weights = None
     if len(set(strengths)) > 1:  # rows steered with different strengths: one weight vector per row
         if scores.dim() == 1:
