@@ -232,4 +232,9 @@ def saelens_cfg(cfg: SAEConfig, dtype: torch.dtype) -> dict[str, Any]:
         "dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
         "saealign": asdict(cfg),
     }
+    # SAELens 6 reads k at the top level and the model facts under "metadata"; older versions read the
+    # keys above. Writing both keeps every version loading the same SAE (tests/test_saelens_interop.py).
+    if cfg.activation == "topk":
+        out["k"] = cfg.k
+    out["metadata"] = {"model_name": cfg.model_name, "hook_name": out["hook_name"]}
     return out

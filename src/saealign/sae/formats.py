@@ -13,13 +13,16 @@ into one :class:`SaealignError` line instead of a library traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -28,6 +31,7 @@ from torch import Tensor
 
 from saealign.errors import SaealignError
 from saealign.sae.autoencoder import CFG_FILE, SAE, WEIGHTS_FILE, SAEConfig
+from saealign.sae.presets import SAEPreset, find_preset, hub_needed
 
 GEMMA_FILE = "params.npz"
 _OPENAI_SUFFIXES = (".pt", ".pth")
@@ -366,6 +370,45 @@ def _is_network_error(e: BaseException) -> bool:
     return False
 
 
+def _hub_resolves(timeout_s: float = 3.0) -> bool:
+    """Whether the hub's host name resolves (looked up in a thread: a dead resolver must not hang us)."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    result: list[bool] = []
+
+    def lookup() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(result and result[0])
+
+
+@contextlib.contextmanager
+def _cache_only_when_unreachable() -> Iterator[None]:
+    """Run huggingface_hub from its cache alone where the hub is off (env) or its host does not resolve.
+
+    A cached SAE still loads; a missing one fails at once instead of after ~30 s of retries. The
+    library reads its offline flag at import time, so the flag itself is switched, and restored.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or (not _hub_offline() and _hub_resolves()):
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
 def load_saelens_release(
     release: str, sae_id: str, dtype: torch.dtype | None = None, device: Device = "cpu"
 ) -> SAE:
@@ -373,7 +416,8 @@ def load_saelens_release(
     sae_lens = _import_sae_lens(f"sae-lens release {release!r}")
     name = f"{release}:{sae_id}"
     try:
-        got = sae_lens.SAE.from_pretrained(release, sae_id, device="cpu")
+        with _cache_only_when_unreachable():
+            got = sae_lens.SAE.from_pretrained(release, sae_id, device="cpu")
     except Exception as e:
         if _hub_offline() or _is_network_error(e):
             why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the Hugging Face hub is unreachable"
@@ -430,13 +474,34 @@ def _load_path(path: Path, dtype: torch.dtype | None, device: Device) -> SAE:
     )
 
 
+def load_preset(preset: SAEPreset, layer: int, dtype: torch.dtype | None = None, device: Device = "cpu") -> SAE:
+    """A preset's SAE (:mod:`saealign.sae.presets`) through sae-lens and the hub; one line naming the hub
+    where the package or the hub is missing."""
+    try:
+        import sae_lens  # noqa: F401  # only to tell a missing package from a missing hub
+    except ImportError:
+        raise hub_needed(preset, layer, "the optional sae-lens package is not installed "
+                         "(pip install saealign[saelens])") from None
+    release, _, sae_id = preset.sae_spec(layer).partition(":")
+    try:
+        return load_saelens_release(release, sae_id, dtype, device)
+    except SaealignError as e:
+        if "hub" in str(e):
+            raise hub_needed(preset, layer, "it cannot be reached from here") from e
+        raise
+
+
 def load_sae(spec: str | Path, dtype: torch.dtype | None = None, device: Device = "cpu") -> SAE:
-    """Load an SAE from a path (SAELens folder, Gemma Scope ``.npz``, OpenAI ``.pt``) or a sae-lens
-    ``release:sae_id`` (``release/sae_id`` also works when no such path exists).
+    """Load an SAE from a path (SAELens folder, Gemma Scope ``.npz``, OpenAI ``.pt``), a preset
+    (``gpt2-small-oai-v5-32k:9``, see :mod:`saealign.sae.presets`) or a sae-lens ``release:sae_id``
+    (``release/sae_id`` also works when no such path exists).
     """
     path = Path(spec).expanduser()
     if path.exists():
         return _load_path(path, dtype, device)
+    preset = find_preset(spec) if isinstance(spec, str) else None
+    if preset is not None:
+        return load_preset(*preset, dtype=dtype, device=device)
     release = _release_spec(spec)
     if release is None:
         raise SaealignError(f"no SAE at {spec}: the path does not exist")
