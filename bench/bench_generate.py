@@ -19,6 +19,7 @@ from saealign.defaults import DEFAULT_LAYER, resolve_sae
 from saealign.models import load_model
 from saealign.reference.scoring import TopicScores
 from saealign.steering.aligner import Aligner
+from saealign.steering.spec import GenerationSpec
 
 PROMPTS = ["My heart is broken so I should", "The best way to spend a weekend is", "In the morning I usually",
            "The city council decided to", "She opened the letter and", "After the long meeting we",
@@ -27,8 +28,8 @@ PROMPTS = ["My heart is broken so I should", "The best way to spend a weekend is
 
 def tokens_per_second(aligner: Aligner, batch: int, method: str, topic: TopicScores | None, tokens: int) -> float:
     start = time.perf_counter()
-    gens = aligner.generate(PROMPTS[:batch], topic=topic, method=method, strength=1.0, max_new_tokens=tokens, top_k=5,
-                            seed=0)
+    spec = GenerationSpec(method, strength=1.0, max_new_tokens=tokens, top_k=5)
+    gens = aligner.generate(PROMPTS[:batch], topic, spec, seed=0)
     seconds = time.perf_counter() - start
     return sum(len(g.token_ids) for g in gens) / seconds
 
@@ -46,7 +47,7 @@ def main() -> int:
     d = sae.d_sae
     topic = TopicScores(scores=rng.random(d).astype(np.float32), g=rng.random(d), n_prompts=np.full(d, 100),
                         scored=np.ones(d, dtype=bool), topic_texts=["random"])
-    aligner.generate(PROMPTS[:1], method="none", max_new_tokens=4)  # warm-up
+    aligner.generate(PROMPTS[:1], spec=GenerationSpec("none", max_new_tokens=4))  # warm-up
     worst = 0.0
     for batch in (1, 8):
         plain, steered = [], []

@@ -167,3 +167,37 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
+
+
+class TinyLoader:
+    """A :class:`saealign.evaluate.workbench.Loader` over one tiny stack (pass it as ``main(obj=...)``):
+    every layer gets an Aligner of ``lm``, ``sae`` and ``index``; every model spec gets ``lm``."""
+
+    def __init__(self, lm: LoadedModel, sae: SAE, index, auto_config=None) -> None:  # noqa: ANN001
+        self.lm, self.sae, self.reference_index, self.auto_config = lm, sae, index, auto_config
+
+    def aligner(self, layer: int):  # noqa: ANN201 - an Aligner
+        from saealign.reference.embed import HashingEmbedder
+        from saealign.steering.aligner import Aligner
+
+        aligner = Aligner(self.lm, self.sae, layer, self.reference_index, HashingEmbedder())
+        if self.auto_config is not None:
+            aligner.auto_config = self.auto_config
+        return aligner
+
+    def index(self, layer: int, corpus_spec: str, max_prompts: int):  # noqa: ANN201
+        from saealign.reference.embed import HashingEmbedder
+
+        return self.reference_index, HashingEmbedder()
+
+    def model(self, spec: str) -> LoadedModel:
+        return self.lm
+
+
+class RefusingLoader:
+    """A loader that fails the test on any load: bad input must be refused before a model loads."""
+
+    def aligner(self, layer: int) -> None:
+        raise AssertionError("a model was loaded before the input was checked")
+
+    index = model = aligner  # type: ignore[assignment]

@@ -146,7 +146,8 @@ def test_generate_json_and_side_by_side(files: Files) -> None:
     assert "strength auto -> " in view.output  # the automatic choice is reported (on stderr)
     fixed = json.loads(run(*args, "--json", "--strength", "2", "the cat sat on the").stdout.strip())
     assert fixed["strength"] == 2.0
-    assert_one_error_line(run(*args, "--strength", "strong", "a dog"), "--strength takes a number or auto")
+    assert_one_error_line(run(*args, "--strength", "strong", "a dog"), "strength must be a number or 'auto'")
+    assert_one_error_line(run(*args, "--strength", "inf", "a dog"), "strength for swap must be between 0 and 8")
 
 
 def test_info_prints_layers_and_width(files: Files) -> None:
@@ -181,7 +182,7 @@ def test_bad_topic_files(files: Files, tmp_path: Path) -> None:
 
 def test_bad_generation_options(files: Files) -> None:
     base = ["generate", *stack(files), "--method", "none"]
-    assert_one_error_line(run(*base, "--max-new-tokens", 0, "a dog"), "--max-new-tokens must be at least 1")
+    assert_one_error_line(run(*base, "--max-new-tokens", 0, "a dog"), "max_new_tokens must be at least 1")
     assert_one_error_line(run(*base, "--max-new-tokens", 126, "a dog"), "context of 128 tokens")
     assert_one_error_line(run(*base, "  "), "prompt 0 is empty")
     assert_one_error_line(run(*base), "give at least one prompt")

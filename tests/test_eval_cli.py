@@ -10,26 +10,24 @@ import gzip
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
 
-import saealign.cli.app as cli  # first: importing cli_eval first is circular (see test_eval_modules_import_in_any_order)
-import saealign.cli.eval_suite as cli_eval_suite
-import saealign.cli.evaluation as cli_eval
-import saealign.defaults as defaults_module
-import saealign.models as models_module
-from conftest import WORDS, build_tiny_index, make_sae, make_texts
-from saealign.cli.eval_all import SECTIONS
+import saealign.cli.app as cli
+from conftest import WORDS, RefusingLoader, TinyLoader, build_tiny_index, make_sae, make_texts
 from saealign.errors import SaealignError
 from saealign.evaluate.acceptability import SPLITS
+from saealign.evaluate.run_all import SECTIONS
 from saealign.models import LoadedModel
-from saealign.reference.embed import Embedder, HashingEmbedder
+from saealign.reference.embed import HashingEmbedder
 from saealign.reference.index import ReferenceIndex
 from saealign.sae.autoencoder import SAE
 from saealign.steering.aligner import Aligner
+from saealign.steering.spec import GenerationSpec
 from saealign.steering.strength import AutoStrengthConfig
 
 N_CORPUS = 48  # enough prompts for latents firing on >= 20 of them (Aligner.topic's min_prompts)
@@ -115,26 +113,19 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_data(tmp_path_factory.mktemp("eval-cli-data"))
 
 
+Run = Callable[..., Result]
+
+
 @pytest.fixture
-def tiny_stack(tiny_lm: LoadedModel, sae: SAE, index: ReferenceIndex, monkeypatch: pytest.MonkeyPatch,
-               tmp_path: Path) -> None:
-    """The eval commands run on the tiny model, SAE, index and the hashing embedder (nothing loaded)."""
-
-    def aligner_for(layer: int) -> Aligner:
-        aligner = Aligner(tiny_lm, sae, layer, index, HashingEmbedder())
-        aligner.auto_config = SMALL_AUTO
-        return aligner
-
+def tiny(tiny_lm: LoadedModel, sae: SAE, index: ReferenceIndex, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Run:
+    """Runs ``saealign`` with the eval commands on the tiny model, SAE, index and the hashing embedder
+    (the loader is passed as click's context object: nothing is loaded or patched)."""
     monkeypatch.setenv("SAEALIGN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(Embedder, "default", classmethod(lambda cls, device=None: HashingEmbedder()))
-    monkeypatch.setattr(models_module, "load_model", lambda spec="default", dtype=None: tiny_lm)
-    monkeypatch.setattr(cli_eval, "_aligner_for", aligner_for)
-    monkeypatch.setattr(defaults_module, "load_stack", lambda **kw: (tiny_lm, sae, kw["layer"], index, HashingEmbedder()))
-    monkeypatch.setattr(cli_eval_suite, "_FINETUNED", {})
+    return lambda *args: run(*args, obj=TinyLoader(tiny_lm, sae, index, SMALL_AUTO))
 
 
-def run(*args: object) -> Result:
-    return CliRunner().invoke(cli.main, [str(a) for a in args])
+def run(*args: object, obj: object = None) -> Result:
+    return CliRunner().invoke(cli.main, [str(a) for a in args], obj=obj)
 
 
 def ok(result: Result) -> Result:
@@ -156,10 +147,9 @@ def section_title(out: Path, name: str) -> str:
 
 
 # -- eval all --------------------------------------------------------------------------------------------
-@pytest.mark.usefixtures("tiny_stack")
-def test_eval_all_quick_writes_every_section_and_resumes(tmp_path: Path, data: Path) -> None:
+def test_eval_all_quick_writes_every_section_and_resumes(tmp_path: Path, data: Path, tiny: Run) -> None:
     out = tmp_path / "all"
-    first = ok(run("eval", "all", "--quick", "--out", out, "--data", data, "--layers", 0))
+    first = ok(tiny("eval", "all", "--quick", "--out", out, "--data", data, "--layers", 0))
     assert f"wrote {out / 'report.md'}" in first.output
     report = (out / "report.md").read_text()
     assert report.startswith("# saealign evaluation report (quick)")
@@ -194,23 +184,22 @@ def test_eval_all_quick_writes_every_section_and_resumes(tmp_path: Path, data: P
     assert frontier["timings"]["fine-tune lora (medical)"] == gen["timings"]["fine-tune lora (medical)"]
 
     times = json.loads((out / "timings.json").read_text())
-    again = ok(run("eval", "all", "--quick", "--out", out, "--data", data, "--layers", 0))
+    again = ok(tiny("eval", "all", "--quick", "--out", out, "--data", data, "--layers", 0))
     for name in SECTIONS:
         assert f"== {name}: already done in {out / name} (--force reruns it)" in again.output
     assert json.loads((out / "timings.json").read_text()) == times
     assert (out / "report.md").read_text() == report
 
     before = (out / "ablation" / "ablation.json").stat().st_mtime_ns
-    forced = ok(run("eval", "all", "--quick", "--out", out, "--data", data, "--layers", 0, "--only", "ablation",
+    forced = ok(tiny("eval", "all", "--quick", "--out", out, "--data", data, "--layers", 0, "--only", "ablation",
                     "--force"))
     assert "== ablation\n" in forced.output and "already done" not in forced.output
     assert (out / "ablation" / "ablation.json").stat().st_mtime_ns > before
     assert json.loads((out / "timings.json").read_text())["ablation"] != times["ablation"]
 
 
-@pytest.mark.usefixtures("tiny_stack")
-def test_eval_all_keeps_what_finished_before_a_failure(tmp_path: Path, data: Path, monkeypatch: pytest.MonkeyPatch
-                                                       ) -> None:
+def test_eval_all_keeps_what_finished_before_a_failure(tmp_path: Path, data: Path, tiny: Run,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import saealign.evaluate.cost as cost_module
 
     def broken(*args: object, **kwargs: object) -> None:
@@ -218,7 +207,7 @@ def test_eval_all_keeps_what_finished_before_a_failure(tmp_path: Path, data: Pat
 
     monkeypatch.setattr(cost_module, "measure_cost", broken)
     out = tmp_path / "all"
-    result = run("eval", "all", "--quick", "--out", out, "--data", data, "--layers", 0, "--only", "ablation,cost")
+    result = tiny("eval", "all", "--quick", "--out", out, "--data", data, "--layers", 0, "--only", "ablation,cost")
     assert result.exit_code == 1 and result.output.rstrip().endswith("Error: the cost section broke")
     assert list(json.loads((out / "timings.json").read_text())) == ["ablation"]
     assert f"## {section_title(out, 'ablation')}" in (out / "report.md").read_text()
@@ -230,11 +219,10 @@ FRONTIER_LABELS = ["none", "L0 swap/error", "L0 swap/error x4", "L0 swap/error a
                    "L0 swap/error auto gen-only", "prompting", "FT (lora)"]
 
 
-@pytest.mark.usefixtures("tiny_stack")
-def test_eval_frontier_rows_and_relative_figures(tmp_path: Path, data: Path) -> None:
+def test_eval_frontier_rows_and_relative_figures(tmp_path: Path, data: Path, tiny: Run) -> None:
     """Three topics: two from the shared data (sycophancy with its A/B answers) and the packaged shoes."""
     out = tmp_path / "frontier"
-    result = ok(run("eval", "frontier", "--layer", 0, "--topics", "medical,sycophancy,shoes", "--strengths", "1,4",
+    result = ok(tiny("eval", "frontier", "--layer", 0, "--topics", "medical,sycophancy,shoes", "--strengths", "1,4",
                     "--baselines", "prompt,lora", "--seeds", "0", "--n-topic", 8, "--n-heldout", 8,
                     "--max-new-tokens", 4, "--max-prompts", 1, "--data", data, "--out", out))
     saved = json.loads((out / "frontier.json").read_text())
@@ -265,15 +253,14 @@ def test_eval_frontier_rows_and_relative_figures(tmp_path: Path, data: Path) -> 
 
 
 # -- eval generation -------------------------------------------------------------------------------------
-@pytest.mark.usefixtures("tiny_stack")
 def test_eval_generation_baselines_continue_the_original_prompts(
-    tmp_path: Path, data: Path, tiny_lm: LoadedModel, sae: SAE, index: ReferenceIndex
+    tmp_path: Path, data: Path, tiny_lm: LoadedModel, sae: SAE, index: ReferenceIndex, tiny: Run
 ) -> None:
     from saealign.evaluate.metrics import continuation_nll, perplexity
     from saealign.evaluate.topics import TOPICS
 
     out = tmp_path / "gen"
-    ok(run("eval", "generation", "--layers", 0, "--methods", "none,swap", "--modes", "error", "--seeds", "0",
+    ok(tiny("eval", "generation", "--layers", 0, "--methods", "none,swap", "--modes", "error", "--seeds", "0",
            "--strengths", "1", "--baselines", "prompt,lora", "--n-topic", 8, "--n-heldout", 8,
            "--max-new-tokens", 3, "--data", data, "--out", out))
     saved = json.loads((out / "generation.json").read_text())
@@ -286,7 +273,7 @@ def test_eval_generation_baselines_continue_the_original_prompts(
     # the prompting row's texts are what the model writes behind the instruction...
     instruction = TOPICS["medical"].instruction
     behind = Aligner(tiny_lm, sae, 0, index, HashingEmbedder()).generate(
-        [instruction + p for p in PROMPTS], method="none", max_new_tokens=3, top_k=5, seed=0)
+        [instruction + p for p in PROMPTS], spec=GenerationSpec("none", max_new_tokens=3, top_k=5), seed=0)
     texts = [t for _, t in samples["prompting"]]
     assert texts == [g.text for g in behind]
     # ...and the judge scores them as continuations of the original prompts, not of the instruction
@@ -296,9 +283,8 @@ def test_eval_generation_baselines_continue_the_original_prompts(
 
 
 # -- eval cost -------------------------------------------------------------------------------------------
-@pytest.mark.usefixtures("tiny_stack")
-def test_eval_cost_rows(tmp_path: Path, data: Path, index: ReferenceIndex) -> None:
-    ok(run("eval", "cost", "--layer", 0, "--n-topic", 8, "--data", data, "--out", tmp_path / "cost"))
+def test_eval_cost_rows(tmp_path: Path, data: Path, index: ReferenceIndex, tiny: Run) -> None:
+    ok(tiny("eval", "cost", "--layer", 0, "--n-topic", 8, "--data", data, "--out", tmp_path / "cost"))
     rows = json.loads((tmp_path / "cost" / "cost.json").read_text())["rows"]
     stages = [r["stage"] for r in rows]
     assert stages == ["load model (converted copy in the user cache)", f"build reference index ({N_CORPUS} prompts)",
@@ -319,57 +305,50 @@ def test_eval_cost_rows(tmp_path: Path, data: Path, index: ReferenceIndex) -> No
     assert per_prompt["seconds"] * len(PROMPTS) == pytest.approx(plain * slots)
     assert all(r["seconds"] > 0 for r in rows[2:])
     assert [r["unit"] for r in rows[-2:]] == ["per topic"] * 2 and "tokens, final loss" in rows[-1]["note"]
-    ok(run("eval", "cost", "--layer", 0, "--n-topic", 8, "--no-finetune", "--data", data, "--out", tmp_path / "c2"))
+    ok(tiny("eval", "cost", "--layer", 0, "--n-topic", 8, "--no-finetune", "--data", data, "--out", tmp_path / "c2"))
     assert not [r for r in json.loads((tmp_path / "c2" / "cost.json").read_text())["rows"] if "fine-tune" in r["stage"]]
 
 
 # -- bad input -------------------------------------------------------------------------------------------
-@pytest.fixture
-def no_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Bad input must fail before any model loads: loading one fails the test (uncaught, not one line)."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a model was loaded before the input was checked")
-
-    monkeypatch.setattr(models_module, "load_model", refuse)
-    monkeypatch.setattr(cli_eval, "_aligner_for", refuse)
-    monkeypatch.setattr(defaults_module, "load_stack", refuse)
+def refuse(*args: object) -> Result:
+    """Bad input must fail before any model loads: the loader fails the test on any load (uncaught, not one line)."""
+    return run(*args, obj=RefusingLoader())
 
 
-@pytest.mark.usefixtures("no_models")
 def test_bad_input_is_one_error_line(tmp_path: Path, data: Path) -> None:
     frontier = ("eval", "frontier", "--layer", 0, "--data", data, "--out", tmp_path / "f")
-    assert_one_error_line(run(*frontier, "--topics", "medical,cooking"), "unknown topic cooking", "sycophancy")
-    assert_one_error_line(run(*frontier, "--topics", ","), "unknown topic (none)")
-    assert_one_error_line(run(*frontier, "--strengths", "1,big"), "--strengths", "'big'")
-    assert_one_error_line(run(*frontier, "--strengths", "1,-2"), "--strengths", "'-2'")
-    assert_one_error_line(run(*frontier, "--strengths", "1,auto"), "auto is always included")
-    assert_one_error_line(run(*frontier, "--baselines", "prompt,rlhf"), "unknown baseline rlhf")
-    assert_one_error_line(run("eval", "generation", "--data", data, "--strengths", "1,big"), "--strengths", "'big'")
-    assert_one_error_line(run("eval", "all", "--data", data, "--only", "coverage,bogus", "--out", tmp_path / "a"),
+    assert_one_error_line(refuse(*frontier, "--topics", "medical,cooking"), "unknown topic cooking", "sycophancy")
+    assert_one_error_line(refuse(*frontier, "--topics", ","), "unknown topic (none)")
+    assert_one_error_line(refuse(*frontier, "--strengths", "1,big"), "--strengths", "'big'")
+    assert_one_error_line(refuse(*frontier, "--strengths", "1,-2"), "--strengths", "'-2'")
+    assert_one_error_line(refuse(*frontier, "--strengths", "1,auto"), "auto is always included")
+    assert_one_error_line(refuse(*frontier, "--baselines", "prompt,rlhf"), "unknown baseline rlhf")
+    assert_one_error_line(refuse("eval", "generation", "--data", data, "--strengths", "1,big"), "--strengths", "'big'")
+    assert_one_error_line(refuse("eval", "all", "--data", data, "--only", "coverage,bogus", "--out", tmp_path / "a"),
                           "unknown section bogus", "coverage")
-    assert_one_error_line(run("eval", "all", "--data", tmp_path / "missing", "--out", tmp_path / "a"), "--data")
+    assert_one_error_line(refuse("eval", "all", "--data", tmp_path / "missing", "--out", tmp_path / "a"), "--data")
     no_cola = tmp_path / "no_cola"
     (no_cola / "topics").mkdir(parents=True)
-    assert_one_error_line(run("eval", "train-acceptability", "--data", no_cola, "--out", tmp_path / "t"),
+    assert_one_error_line(refuse("eval", "train-acceptability", "--data", no_cola, "--out", tmp_path / "t"),
                           "no CoLA folder", "acceptability")
     few = write_data(tmp_path / "few", n_topic_texts=5)
-    assert_one_error_line(run(*frontier[:-4], "--data", few, "--topics", "amazon", "--out", tmp_path / "f"),
+    assert_one_error_line(refuse(*frontier[:-4], "--data", few, "--topics", "amazon", "--out", tmp_path / "f"),
                           "has 5 texts", "at least 8")
-    assert_one_error_line(run("eval", "topk", "--layers", 0, "--topic", "sycophancy", "--data", few, "--out",
+    assert_one_error_line(refuse("eval", "topk", "--layers", 0, "--topic", "sycophancy", "--data", few, "--out",
                               tmp_path / "k"), "has 5 texts")
     broken = write_data(tmp_path / "broken")
     _jsonl(broken / "topics" / "amazon_reviews.jsonl.gz", [{"text": "a house"}, {"body": "no text"}])
-    assert_one_error_line(run(*frontier[:-4], "--data", broken, "--topics", "amazon", "--out", tmp_path / "f"),
+    assert_one_error_line(refuse(*frontier[:-4], "--data", broken, "--topics", "amazon", "--out", tmp_path / "f"),
                           "amazon_reviews.jsonl.gz line 2", "`text`")
 
 
-def test_eval_modules_import_in_any_order() -> None:
-    """``import saealign.cli.evaluation`` alone (before saealign.cli.app) must work, as for every other module."""
+def test_cli_modules_import_in_any_order() -> None:
+    """Every command module imports alone (no registration by import: ``app`` puts them together)."""
     import subprocess
     import sys
 
-    for module in ("saealign.cli.evaluation", "saealign.cli.eval_all", "saealign.cli.eval_paper", "saealign.cli.app"):
+    for module in ("saealign.cli.evaluate", "saealign.cli.eval_paper", "saealign.cli.align", "saealign.cli.prepare",
+                   "saealign.cli.app"):
         code = f"import {module}; from saealign.cli.app import main; assert {{'all', 'frontier', 'cost'}} <= set(main.commands['eval'].commands)"
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert done.returncode == 0, f"import {module} first:\n{done.stderr[-800:]}"
@@ -401,4 +380,4 @@ def test_split_topic_part_is_independent_of_the_heldout_size() -> None:
     texts = [f"text {i}" for i in range(400)]
     topic = split(texts, 50, 200)[0]
     assert split(texts, 50, 40)[0] == split(texts, 50, 10)[0] == topic
-    assert cli_eval.topic_split(texts, 50, 0)[0] == topic  # eval topic-signal's topic too
+    assert split(texts, 50, 0)[0] == topic  # eval topic-signal's topic too

@@ -15,12 +15,10 @@ import scipy.sparse as sp
 import torch
 from click.testing import CliRunner, Result
 
-import saealign.cli.evaluation as cli_eval
-import saealign.defaults as defaults_module
-import saealign.models as models_module
-from conftest import build_tiny_index, make_sae, make_texts
+from conftest import TinyLoader, build_tiny_index, make_sae, make_texts
 from saealign.cli.app import main
 from saealign.errors import SaealignError
+from saealign.evaluate.conditions import ConditionInputs
 from saealign.evaluate.generation import GenerationSetup, evaluate_generations
 from saealign.evaluate.metrics import (
     continuation_nll,
@@ -31,8 +29,9 @@ from saealign.evaluate.metrics import (
 )
 from saealign.evaluate.report import markdown_table, scatter_plot, write_rows
 from saealign.evaluate.topic_signal import medical_mass_ratio
+from saealign.evaluate.topics import split
 from saealign.models import LoadedModel
-from saealign.reference.embed import Embedder, HashingEmbedder
+from saealign.reference.embed import HashingEmbedder
 from saealign.reference.index import FORMAT, VERSION, IndexConfig, ReferenceIndex
 from saealign.reference.scoring import TopicScores
 from saealign.sae.autoencoder import SAE
@@ -191,21 +190,21 @@ def test_scatter_plot_writes_png(tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == PNG_MAGIC
 
 
-# -- cli_eval helpers ---------------------------------------------------------------------------------
+# -- the topic split -----------------------------------------------------------------------------------
 def test_topic_split_disjoint_sizes_and_errors() -> None:
     texts = [f"text {i}" for i in range(10)]
-    topic, held = cli_eval.topic_split(texts, 3, 4)
+    topic, held = split(texts, 3, 4)
     assert len(topic) == 3 and len(held) == 4
     assert not set(topic) & set(held) and set(topic + held) <= set(texts)
-    assert cli_eval.topic_split(texts, 3, 4) == (topic, held)  # seeded
-    assert cli_eval.topic_split(texts, 10, 0)[1] == []
-    with pytest.raises(SaealignError, match="has 6 texts; 3 \\+ 4 are needed"):
-        cli_eval.topic_split(texts[:6], 3, 4)
+    assert split(texts, 3, 4) == (topic, held)  # seeded
+    assert split(texts, 10, 0)[1] == []
+    with pytest.raises(SaealignError, match="has 6 texts; at least 8 are needed"):
+        split(texts[:6], 3, 4)
 
 
 def test_topic_split_is_disjoint_in_content_with_duplicates() -> None:
     texts = [f"text {i}" for i in range(5)] * 2
-    topic, held = cli_eval.topic_split(texts, 3, 2)
+    topic, held = split(texts, 3, 2)
     assert not set(topic) & set(held)
 
 
@@ -234,8 +233,9 @@ PROMPTS = ["the cat sat on the", "a dog"]
 def test_evaluate_generations_end_to_end(tiny_lm: LoadedModel, sae: SAE, index: ReferenceIndex) -> None:
     emb = HashingEmbedder()
     setup = GenerationSetup(methods=("none", "swap"), modes=("error",), seeds=(0,), max_new_tokens=3)
-    rows, reference = evaluate_generations({0: lambda: Aligner(tiny_lm, sae, 0, index, emb)}, PROMPTS, TOPIC_TEXTS,
-                                           HELDOUT_TEXTS, tiny_lm, emb, setup, progress=False)
+    inputs = ConditionInputs(PROMPTS, TOPIC_TEXTS, HELDOUT_TEXTS, tiny_lm, emb, setup.seeds, setup.sampling)
+    rows, reference = evaluate_generations(lambda layer: Aligner(tiny_lm, sae, layer, index, emb), [0], inputs, setup,
+                                           progress=False)
     assert [(r["layer"], r["method"], r["mode"], r["strength"]) for r in rows] == [(0, "none", "error", 1.0),
                                                                                    (0, "swap", "error", 1.0)]
     metrics = ("distance", "ppl", "contamination", "distinct2", "changed")
@@ -251,13 +251,13 @@ def test_evaluate_generations_end_to_end(tiny_lm: LoadedModel, sae: SAE, index: 
     assert (reference["topic_texts"], reference["heldout_texts"]) == (4, 4)
     assert set(reference["samples"]) == {"L0 none error s1", "L0 swap error s1"}
     # the "none" row is the plain generation: its distance is that of the unsteered texts
-    plain = Aligner(tiny_lm, sae, 0, index, emb).generate(PROMPTS, method="none", max_new_tokens=3, top_k=5, seed=0)
+    plain = Aligner(tiny_lm, sae, 0, index, emb).generate(PROMPTS, spec=setup.sampling, seed=0)
     assert [p + t for p, t in reference["samples"]["L0 none error s1"]] == [g.prompt + g.text for g in plain]
 
 
 # -- the eval commands --------------------------------------------------------------------------------
-def run(*args: object) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
+def run(*args: object, obj: object = None) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args], obj=obj)
 
 
 def assert_one_error_line(result: Result, *needles: str) -> None:
@@ -291,23 +291,18 @@ def test_eval_commands_without_data_fail_in_one_line(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def tiny_stack(tiny_lm: LoadedModel, sae: SAE, index: ReferenceIndex, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The eval commands run on the tiny model, SAE, index and the hashing embedder (nothing loaded)."""
-    monkeypatch.setattr(Embedder, "default", classmethod(lambda cls, device=None: HashingEmbedder()))
-    monkeypatch.setattr(models_module, "load_model", lambda spec="default", dtype=None: tiny_lm)
-    monkeypatch.setattr(cli_eval, "_aligner_for", lambda layer: Aligner(tiny_lm, sae, layer, index, HashingEmbedder()))
-    monkeypatch.setattr(defaults_module, "load_stack",
-                        lambda **kw: (tiny_lm, sae, kw["layer"], index, HashingEmbedder()))
+def tiny(tiny_lm: LoadedModel, sae: SAE, index: ReferenceIndex) -> Any:
+    """Runs ``saealign`` with the eval commands on the tiny model, SAE, index and the hashing embedder."""
+    return lambda *args: run(*args, obj=TinyLoader(tiny_lm, sae, index))
 
 
 GEN_ARGS = ("--layers", 0, "--methods", "none,swap", "--modes", "error", "--n-topic", 4, "--n-heldout", 4,
             "--max-new-tokens", 3)
 
 
-@pytest.mark.usefixtures("tiny_stack")
-def test_eval_generation_command_writes_reports(tmp_path: Path) -> None:
+def test_eval_generation_command_writes_reports(tmp_path: Path, tiny: Any) -> None:
     data, out = write_data(tmp_path / "data"), tmp_path / "out"
-    result = run("eval", "generation", "--data", data, *GEN_ARGS, "--seeds", "0,1", "--baselines", "", "--out", out)
+    result = tiny("eval", "generation", "--data", data, *GEN_ARGS, "--seeds", "0,1", "--baselines", "", "--out", out)
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "generation.json").read_text())
     assert [r["method"] for r in saved["rows"]] == ["none", "swap"]
@@ -318,22 +313,20 @@ def test_eval_generation_command_writes_reports(tmp_path: Path) -> None:
     assert (out / "generation.csv").read_text().startswith("label,kind,layer,method,mode,strength,strength_used,seconds,distance")
 
 
-@pytest.mark.usefixtures("tiny_stack")
-def test_eval_generation_bad_seeds_is_one_line(tmp_path: Path) -> None:
+def test_eval_generation_bad_seeds_is_one_line(tmp_path: Path, tiny: Any) -> None:
     data = write_data(tmp_path / "data")
-    assert_one_error_line(run("eval", "generation", "--data", data, *GEN_ARGS, "--seeds", "zero", "--out", tmp_path),
+    assert_one_error_line(tiny("eval", "generation", "--data", data, *GEN_ARGS, "--seeds", "zero", "--out", tmp_path),
                           "--seeds")
 
 
-@pytest.mark.usefixtures("tiny_stack")
-def test_eval_topic_signal_command_matches_the_library(tmp_path: Path, index: ReferenceIndex) -> None:
+def test_eval_topic_signal_command_matches_the_library(tmp_path: Path, index: ReferenceIndex, tiny: Any) -> None:
     data, out = write_data(tmp_path / "data"), tmp_path / "out"
-    result = run("eval", "topic-signal", "--data", data, "--layers", 0, "--n-topic", 4, "--top", 3, "--out", out)
+    result = tiny("eval", "topic-signal", "--data", data, "--layers", 0, "--n-topic", 4, "--top", 3, "--out", out)
     assert result.exit_code == 0, result.output
     (row,) = json.loads((out / "topic_signal.json").read_text())["rows"]
     with gzip.open(data / "topics" / "medical_medquad.jsonl.gz", "rt") as f:
         texts = [json.loads(line)["text"] for line in f]
-    topic, _ = cli_eval.topic_split(texts, 4, 0)
+    topic, _ = split(texts, 4, 0)
     scores = index.score(topic, HashingEmbedder())
     want = medical_mass_ratio(index, scores, 3)
     assert row["top_latents"] == scores.top(3)

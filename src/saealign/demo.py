@@ -11,6 +11,7 @@ import gzip
 import json
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -20,6 +21,7 @@ from rich.table import Table
 from saealign.defaults import TOPICS_DIR, shared_data_dir
 from saealign.reference.corpus import read_topic
 from saealign.steering.aligner import Aligner, Generation
+from saealign.steering.spec import GenerationSpec
 
 PACKAGE_PROMPTS = Path(__file__).parent / "data" / "neutral_prompts.txt"
 N_TOPIC_TEXTS = 50
@@ -80,11 +82,11 @@ def run_demo(layer: int | None = None, max_new_tokens: int = 64, seed: int = 0, 
         examples = "; ".join(t[:70] for t, _ in index.top_texts(i, 2))
         console.print(f"  latent {i:5d}  score {topic.scores[i]:.3f}  g {topic.g[i]:.3f}  fires on: {examples}")
     prompts, prompts_name = demo_prompts()
-    options = dict(topic=topic, max_new_tokens=max_new_tokens, top_k=5, seed=seed)
-    t0 = time.perf_counter()
-    plain = aligner.generate(prompts, method="none", **options)  # type: ignore[arg-type]
     # the paper's Swap (strength 1) shows the effect plainly; "auto" (the library's default) is reported below
-    steered = aligner.generate(prompts, method="swap", strength=1.0, **options)  # type: ignore[arg-type]
+    swap = GenerationSpec("swap", strength=1.0, max_new_tokens=max_new_tokens, top_k=5)
+    t0 = time.perf_counter()
+    plain = aligner.generate(prompts, topic, replace(swap, method="none"), seed=seed)
+    steered = aligner.generate(prompts, topic, swap, seed=seed)
     seconds = time.perf_counter() - t0
     console.print(side_by_side(plain, steered, f"{prompts_name}: unsteered vs Swap ({max_new_tokens} tokens, top-k 5)"))
     mean = lambda gs: sum(g.contamination or 0.0 for g in gs) / len(gs)  # noqa: E731

@@ -19,7 +19,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from saealign.evaluate.metrics import continuation_nll, distinct_n, perplexity, 
 from saealign.models import LoadedModel
 from saealign.reference.embed import TextEmbedder
 from saealign.steering.aligner import Aligner, Generation
+from saealign.steering.spec import STRENGTH_METHODS, GenerationSpec
 
 KINDS = ("steer", "prompt", "finetune")
 
@@ -58,7 +59,7 @@ class Condition:
             return f"FT ({self.finetune})"
         if self.method == "none":
             return "none"
-        if self.method not in ("swap", "weight") or self.strength == 1.0:
+        if self.method not in STRENGTH_METHODS or self.strength == 1.0:
             s = ""
         else:
             s = f" {self.strength}" if isinstance(self.strength, str) else f" x{self.strength:g}"
@@ -66,7 +67,14 @@ class Condition:
 
     @property
     def uses_strength(self) -> bool:
-        return self.kind == "steer" and self.method in ("swap", "weight")
+        return self.kind == "steer" and self.method in STRENGTH_METHODS
+
+    def spec(self, sampling: GenerationSpec) -> GenerationSpec:
+        """``sampling`` (what every condition shares) with this condition's steering; baselines are unsteered."""
+        if self.kind != "steer":
+            return replace(sampling, method="none", strength=1.0)
+        return replace(sampling, method=self.method, mode=self.mode, strength=self.strength,
+                       steer_prompt=self.steer_prompt)
 
 
 @dataclass
@@ -79,8 +87,8 @@ class ConditionInputs:
     judge: LoadedModel
     embedder: TextEmbedder
     seeds: tuple[int, ...] = (0, 1, 2)
-    max_new_tokens: int = 64
-    top_k: int = 5
+    sampling: GenerationSpec = GenerationSpec("none", strength=1.0)
+    """Length and sampling of every continuation (each condition sets the steering: :meth:`Condition.spec`)."""
     instruction: str = ""
     """Prompting baseline: put before each prompt, e.g. "Write about medicine and health. "."""
     finetuned: dict[str, Aligner] = field(default_factory=dict)
@@ -96,19 +104,18 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def _generate(cond: Condition, aligner: Aligner, topic: Any, inputs: ConditionInputs, seed: int) -> list[Generation]:
     # The baselines are generated unsteered but with the topic given, so their contamination is read
     # the same way as the steered rows' (method "none" records without editing).
-    opts: dict[str, Any] = dict(max_new_tokens=inputs.max_new_tokens, top_k=inputs.top_k, seed=seed)
+    spec = cond.spec(inputs.sampling)
     if cond.kind == "prompt":
         # measured as a continuation of the original prompt (what a reader sees), generated behind the instruction
-        gens = aligner.generate([inputs.instruction + p for p in inputs.prompts], topic=topic, method="none", **opts)
+        gens = aligner.generate([inputs.instruction + p for p in inputs.prompts], topic, spec, seed=seed)
         for g, p in zip(gens, inputs.prompts, strict=True):
             g.prompt = p
         return gens
     if cond.kind == "finetune":
         if cond.finetune not in inputs.finetuned:
             raise SaealignError(f"no fine-tuned model for the {cond.finetune!r} baseline: fine-tune one first")
-        return inputs.finetuned[cond.finetune].generate(inputs.prompts, topic=topic, method="none", **opts)
-    return aligner.generate(inputs.prompts, topic=topic, method=cond.method, mode=cond.mode, strength=cond.strength,
-                            steer_prompt=cond.steer_prompt, **opts)
+        return inputs.finetuned[cond.finetune].generate(inputs.prompts, topic, spec, seed=seed)
+    return aligner.generate(inputs.prompts, topic, spec, seed=seed)
 
 
 def run_conditions(

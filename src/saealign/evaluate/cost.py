@@ -12,7 +12,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from saealign.evaluate.report import Table
+from saealign.evaluate.workbench import Workbench
 from saealign.steering.aligner import Aligner
+from saealign.steering.spec import GenerationSpec
 
 if TYPE_CHECKING:
     from saealign.evaluate.finetune import FineTuned
@@ -52,8 +55,8 @@ def measure_cost(make_aligner: Callable[[], Aligner], topic_texts: list[str], pr
     per_token = {}
     for method in ("none", "swap"):
         t = time.perf_counter()
-        gens = aligner.generate(prompts, topic=topic if method != "none" else None, method=method, strength=1.0,
-                                max_new_tokens=max_new_tokens, seed=0)
+        spec = GenerationSpec(method, strength=1.0, max_new_tokens=max_new_tokens)
+        gens = aligner.generate(prompts, topic if method != "none" else None, spec, seed=0)
         seconds = time.perf_counter() - t
         # rows that end early still ride along in the batch: the cost is per batch step, i.e. per token slot
         slots = max(len(g.token_ids) for g in gens) * len(prompts)
@@ -69,3 +72,17 @@ def measure_cost(make_aligner: Callable[[], Aligner], topic_texts: list[str], pr
             rows.append(_row(f"fine-tune ({method}, {tuned.config.epochs} epochs)", tuned.seconds, "per topic",
                              f"{tuned.tokens_seen} tokens, final loss {tuned.losses[-1]:.3f}"))
     return rows
+
+
+def cost_table(bench: Workbench, layer: int, n_topic: int = 50, finetune: bool = True) -> Table:
+    """Tables 3/4 on this machine for the medical topic: :func:`measure_cost` with the workbench's stack.
+
+    Fine-tuning reuses what the generated-text experiments tuned on the same topic texts (same workbench).
+    """
+    from saealign.evaluate.topics import shared_split, topic_prompts
+
+    topic, _ = shared_split(bench.data, "medical", n_topic, 0)
+    prompts = topic_prompts(bench.data, "medical")
+    tune = (lambda aligner, method: bench.finetuned(aligner, topic, method, label="medical")) if finetune else None
+    rows = measure_cost(lambda: bench.aligner(layer), topic, prompts, finetune=tune)
+    return Table("cost", f"Cost on this machine (layer {layer})", rows, ["stage", "seconds", "unit", "note"])

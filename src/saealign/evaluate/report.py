@@ -1,4 +1,4 @@
-"""Writing results people read: Markdown tables, CSV, JSON and PNG plots side by side."""
+"""Results people read: a :class:`Table` per experiment, written as Markdown, CSV, JSON and PNG side by side."""
 
 from __future__ import annotations
 
@@ -6,11 +6,47 @@ import csv
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from saealign.cache import atomic_write_bytes
+
+
+@dataclass
+class Table:
+    """What an experiment returns: its rows, how to show them, and its plots (nothing is written yet)."""
+
+    name: str
+    """File stem: ``NAME.md``, ``NAME.json``, ``NAME.csv``."""
+    title: str
+    rows: list[dict[str, Any]]
+    """The raw rows (JSON and CSV)."""
+    columns: list[str]
+    """Columns of the Markdown table of ``rows``."""
+    note: str = ""
+    """A paragraph between the title and the table."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """More JSON next to the rows (reference figures, set-up, timings)."""
+    before: list[tuple[list[dict[str, Any]], list[str]]] = field(default_factory=list)
+    """Tables shown above the rows' table (e.g. a summary), as ``(rows, columns)``."""
+    plots: dict[str, Callable[[Path], object]] = field(default_factory=dict)
+    """PNG file name -> a function writing it at the given path."""
+
+    def markdown(self) -> str:
+        head = f"# {self.title}\n\n" + (self.note + "\n\n" if self.note else "")
+        return head + "\n".join(markdown_table(r, c) for r, c in [*self.before, (self.rows, self.columns)])
+
+
+def write_table(out: Path, table: Table) -> str:
+    """Write ``table`` into the folder ``out`` (Markdown, JSON, CSV, plots); returns the Markdown."""
+    write_rows(out, table.name, table.rows, table.extra)
+    md = table.markdown()
+    (out / f"{table.name}.md").write_text(md)
+    for name, plot in table.plots.items():
+        plot(out / name)
+    return md
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], digits: int = 3) -> str:

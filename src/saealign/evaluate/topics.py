@@ -128,3 +128,10 @@ def split(texts: list[str], n_topic: int, n_heldout: int, seed: int = 0) -> tupl
     topic = rng.sample(texts, n_topic)
     chosen = set(topic)
     return topic, rng.sample([t for t in texts if t not in chosen], n_heldout)
+
+
+def shared_split(root: Path, name: str, n_topic: int, n_heldout: int) -> tuple[list[str], list[str]]:
+    """Topic ``name``'s split with 200 held out (as the generated-text experiments), the held-out part cut to
+    ``n_heldout``: every experiment scores (and ``eval all`` fine-tunes on) the same topic texts."""
+    topic, heldout = split(topic_texts(root, name), n_topic, max(n_heldout, 200))
+    return topic, heldout[:n_heldout]
