@@ -22,6 +22,7 @@ import pytest
 from conftest import LiveServer, make_aligner
 from saealign.defaults import TOPICS_DIR
 from saealign.serve.app import ServerLimits, create_app
+from saealign.steering.spec import GenerationSpec
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -125,8 +126,8 @@ def test_pick_a_topic_generate_and_see_coloured_tokens(page: Any, site: Site, tm
     tokens = page.eval_on_selector_all("#steered-output span.token", """spans => spans.map(s => ({
         text: s.textContent, c: s.dataset.contamination, bg: getComputedStyle(s).backgroundColor}))""")
     # the page shows exactly what the library streams for these options (app.js defaults: swap, error, auto, seed 0)
-    want = list(site.reference.stream(PROMPT, texts, method="swap", mode="error", strength="auto",
-                                      max_new_tokens=TOKENS, seed=0))
+    *want, _ = site.reference.stream(PROMPT, texts, GenerationSpec("swap", "error", strength="auto",
+                                                                   max_new_tokens=TOKENS), seed=0)
     assert [t["text"] for t in tokens] == [w.text for w in want]
     for token, event in zip(tokens, want, strict=True):
         c = float(token["c"])
@@ -136,7 +137,7 @@ def test_pick_a_topic_generate_and_see_coloured_tokens(page: Any, site: Site, tm
     chosen = site.reference.auto_strength(site.reference.topic(texts)).strength
     assert f"({len(want)} tokens" in page.inner_text("#steered-summary")
     assert f"strength {chosen:g}" in page.inner_text("#steered-summary")  # auto resolved, shown
-    plain_want = list(site.reference.stream(PROMPT, texts, method="none", max_new_tokens=TOKENS, seed=0))
+    *plain_want, _ = site.reference.stream(PROMPT, texts, GenerationSpec("none", max_new_tokens=TOKENS), seed=0)
     assert page.eval_on_selector_all("#plain-output span.token", "s => s.map(x => x.textContent)") == [
         w.text for w in plain_want]
 

@@ -20,7 +20,8 @@ import pytest
 from conftest import LiveServer, make_aligner
 from saealign.defaults import TOPICS_DIR
 from saealign.serve.app import ServerLimits, create_app
-from saealign.steering.aligner import Aligner, TokenEvent
+from saealign.steering.aligner import Aligner, Generation, TokenEvent
+from saealign.steering.spec import GenerationSpec as Spec
 
 CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
 TOPIC_A = ["the cat sat on the old house", "a small dog runs near the river"]
@@ -120,7 +121,7 @@ def test_generate_matches_the_library(client: httpx.Client, served: Served) -> N
                                           "greedy": True, "max_new_tokens": 6})
     assert r.status_code == 200, r.text
     got = r.json()["generations"]
-    want = served.reference.generate(prompts, TOPIC_A, method="swap", mode="replace", greedy=True, max_new_tokens=6)
+    want = served.reference.generate(prompts, TOPIC_A, Spec("swap", "replace", greedy=True, max_new_tokens=6))
     assert [g["token_ids"] for g in got] == [w.token_ids for w in want]
     assert [g["text"] for g in got] == [w.text for w in want]
     for g, w in zip(got, want, strict=True):
@@ -131,7 +132,29 @@ def test_generate_matches_the_library(client: httpx.Client, served: Served) -> N
     plain = client.post("/v1/generate", json={"prompt": "a dog", "greedy": True, "max_new_tokens": 4}).json()
     only = plain["generations"][0]
     assert (only["method"], only["contamination"], only["topic_id"]) == ("none", None, None)
-    assert only["token_ids"] == served.reference.generate("a dog", method="none", greedy=True, max_new_tokens=4)[0].token_ids
+    assert only["token_ids"] == served.reference.generate("a dog", spec=Spec("none", greedy=True,
+                                                                              max_new_tokens=4))[0].token_ids
+
+
+def test_one_topic_shape_in_every_route_and_every_spec_field(client: httpx.Client, served: Served) -> None:
+    """``topic`` (an id or texts) in every route, the old names as aliases; the spec fields the CLI has."""
+    tid = topic_id(client, TOPIC_A)
+    body = {"prompt": "the cat sat on the", "method": "clamp", "clamp_n": 2, "clamp_multiplier": 3.0,
+            "steer_prompt": False, "greedy": True, "max_new_tokens": 5}
+    want = served.reference.generate("the cat sat on the", TOPIC_A, Spec(
+        "clamp", clamp_n=2, clamp_multiplier=3.0, steer_prompt=False, greedy=True, max_new_tokens=5))[0]
+    for topic in ({"topic": tid}, {"topic": TOPIC_A}, {"topic_id": tid}, {"topic_texts": TOPIC_A}):
+        r = client.post("/v1/generate", json={**body, **topic})
+        assert r.status_code == 200, r.text
+        got = r.json()["generations"][0]
+        assert (got["token_ids"], got["topic_id"]) == (want.token_ids, tid)
+        assert got["n_changed"] == want.n_changed and got["prompt_tokens"] == want.prompt_tokens == 6
+    both = client.post("/v1/generate", json={**body, "topic": tid, "topic_id": tid})
+    assert both.status_code == 400 and "give the topic once" in both.json()["error"]
+    huge = client.post("/v1/generate", json={**body, "method": "swap", "strength": 1e308, "topic": tid})
+    assert huge.status_code == 400 and "strength for swap must be between 0 and 8" in huge.json()["error"]
+    health = client.get("/health").json()
+    assert health["methods"] == ["none", "sae", "clamp", "swap", "weight", "add", "swap_add"]
 
 
 def test_auto_strength_is_resolved_reported_and_shown_on_the_topic(client: httpx.Client, served: Served) -> None:
@@ -142,8 +165,8 @@ def test_auto_strength_is_resolved_reported_and_shown_on_the_topic(client: httpx
     got = r.json()["generations"][0]
     chosen = served.reference.auto_strength(served.reference.topic(TOPIC_A))
     assert (got["method"], got["strength"]) == ("swap", chosen.strength)
-    want = served.reference.generate("the cat sat on the", TOPIC_A, strength=chosen.strength, greedy=True,
-                                     max_new_tokens=4)[0]
+    want = served.reference.generate("the cat sat on the", TOPIC_A, Spec(strength=chosen.strength, greedy=True,
+                                                                           max_new_tokens=4))[0]
     assert got["token_ids"] == want.token_ids
     # earlier requests may have searched this topic for other methods or modes too
     (auto,) = [a for a in client.get(f"/v1/topics/{tid}").json()["auto_strength"]
@@ -161,8 +184,8 @@ def test_generate_stream_sends_one_event_per_token_then_done(client: httpx.Clien
     with client.stream("POST", "/v1/generate", json=body) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = list(sse_events(r.iter_lines()))
-    want = list(served.reference.stream("the cat sat on the", TOPIC_B, method="weight", greedy=True,
-                                        max_new_tokens=7))
+    *want, whole = served.reference.stream("the cat sat on the", TOPIC_B, Spec("weight", greedy=True, max_new_tokens=7))
+    assert isinstance(whole, Generation)
     tokens = [json.loads(d) for name, d in events if name == "message"]
     assert [name for name, _ in events] == ["message"] * len(want) + ["done"]
     assert [TokenEvent(t["text"], t["token_id"], t["contamination"], t["index"]) for t in tokens] == [
@@ -171,6 +194,9 @@ def test_generate_stream_sends_one_event_per_token_then_done(client: httpx.Clien
     assert done["text"] == "".join(w.text for w in want) and done["token_ids"] == [w.token_id for w in want]
     assert done["contamination"] == pytest.approx(sum(t["contamination"] for t in tokens) / len(tokens))
     assert (done["topic_id"], done["method"]) == (tid, "weight")
+    # the done event is the library's Generation, as the non-streamed answer gives it
+    assert {k: v for k, v in done.items() if k not in ("topic_id", "token_contamination", "contamination")} == {
+        k: v for k, v in whole.to_json().items() if k not in ("topic_index", "token_contamination", "contamination")}
 
 
 def test_concurrent_requests_with_different_topics_share_one_batch(client: httpx.Client, served: Served) -> None:
@@ -191,7 +217,7 @@ def test_concurrent_requests_with_different_topics_share_one_batch(client: httpx
     assert answers[0]["batch_rows"] == answers[1]["batch_rows"] == 2
     for answer, (prompt, tid, texts) in zip(answers, jobs, strict=True):
         got = answer["generations"][0]
-        want = served.reference.generate(prompt, texts, method="swap", greedy=True, max_new_tokens=5)[0]
+        want = served.reference.generate(prompt, texts, Spec("swap", greedy=True, max_new_tokens=5))[0]
         # each row was steered by, and measured against, its own topic
         assert (got["prompt"], got["topic_id"], got["token_ids"]) == (prompt, tid, want.token_ids)
         assert got["token_contamination"] == pytest.approx(want.token_contamination, abs=1e-5)
@@ -202,7 +228,7 @@ def test_openai_client_completions_and_chat(served: Served) -> None:
     with httpx.Client(base_url=served.url) as h:
         tid = topic_id(h, TOPIC_A)
     ref = served.reference
-    want = ref.generate("the cat sat on the", TOPIC_A, method="swap", greedy=True, max_new_tokens=5)[0]
+    want = ref.generate("the cat sat on the", TOPIC_A, Spec("swap", greedy=True, max_new_tokens=5))[0]
     done = client.completions.create(model="any", prompt="the cat sat on the", max_tokens=5, temperature=0,
                                      extra_body={"topic": tid})
     assert (done.object, done.model, len(done.choices)) == ("text_completion", "tiny-llama", 1)
@@ -213,7 +239,7 @@ def test_openai_client_completions_and_chat(served: Served) -> None:
         model="any", prompt="the cat sat on the", max_tokens=5, temperature=0, stream=True, extra_body={"topic": tid})]
     assert "".join(pieces) == want.text and len(pieces) == len(want.token_ids) + 1  # + the finish chunk
 
-    chat_want = ref.generate("a dog", TOPIC_B, method="weight", greedy=True, max_new_tokens=4, chat=True)[0]
+    chat_want = ref.generate("a dog", TOPIC_B, Spec("weight", greedy=True, max_new_tokens=4, chat=True))[0]
     options = {"topic": TOPIC_B, "saealign": {"method": "weight"}}
     chat = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "a dog"}], max_tokens=4,
                                           temperature=0, extra_body=options)
@@ -267,10 +293,11 @@ def test_streams_interleave_and_a_disconnected_stream_frees_its_slot(
     produced: list[tuple[str, int]] = []
     real_stream = served.aligner.stream
 
-    def slow_stream(prompt: str, *args: Any, **kwargs: Any) -> Iterator[TokenEvent]:
+    def slow_stream(prompt: str, *args: Any, **kwargs: Any) -> Iterator[TokenEvent | Generation]:
         for event in real_stream(prompt, *args, **kwargs):
             time.sleep(0.01)  # a slow model: the client has time to leave mid-stream
-            produced.append((prompt, event.index))
+            if isinstance(event, TokenEvent):
+                produced.append((prompt, event.index))
             yield event
 
     monkeypatch.setattr(served.aligner, "stream", slow_stream)

@@ -4,11 +4,11 @@ The model is not thread-safe (the steering hook is attached to one block around 
 call), so every model call runs on one thread, in the order this worker decides:
 
 - **generate requests** wait in a queue. Each round takes the oldest request and every queued
-  request compatible with it (same method, mode, strength, length and sampling options; each row
+  request compatible with it (the same :class:`~saealign.steering.spec.GenerationSpec`; each row
   may have its own topic and seed) into ONE :meth:`Aligner.generate` call, up to
   ``max_batch_rows`` rows. Requests that arrive while a batch runs form the next one.
 - **streams** (one prompt each, :meth:`Aligner.stream`) hold one of ``max_streams`` slots and
-  advance one token per round, in turn, so two streams (the page's unsteered and steered
+  advance one token per round, in turn (the last item is the stream's :class:`Generation`), so two streams (the page's unsteered and steered
   outputs) grow side by side. A stream whose client reads slowly is skipped until its buffer
   drains; a cancelled stream (its client went away) is closed and frees its slot.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,21 +28,7 @@ from typing import Any
 from saealign.errors import SaealignError
 from saealign.reference.scoring import TopicScores
 from saealign.steering.aligner import Aligner, Generation, TokenEvent
-
-
-@dataclass(frozen=True)
-class GenOptions:
-    """Options every row of one batch shares (the keyword arguments of :meth:`Aligner.generate`)."""
-
-    method: str = "swap"
-    mode: str = "error"
-    strength: float | str = "auto"
-    """A number, or ``auto`` (resolved per topic by the aligner, so rows of one batch may differ)."""
-    max_new_tokens: int = 64
-    top_k: int = 5
-    temperature: float = 1.0
-    greedy: bool = False
-    chat: bool = False
+from saealign.steering.spec import GenerationSpec
 
 
 @dataclass
@@ -54,13 +39,14 @@ class GenerateJob:
     seeds: list[int]
     topic: TopicScores | None
     topic_id: str | None
-    options: GenOptions
+    spec: GenerationSpec
+    """Shared by every row of a batch (``auto`` strength is resolved per topic, so rows may differ)."""
     future: asyncio.Future[BatchResult] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
-    def key(self) -> tuple[GenOptions, bool]:
+    def key(self) -> tuple[GenerationSpec, bool]:
         # rows with and without a topic cannot share a call: topic_per_row needs a topic for every row
-        return self.options, self.topic is not None
+        return self.spec, self.topic is not None
 
 
 @dataclass(frozen=True)
@@ -68,18 +54,9 @@ class BatchResult:
     """A job's generations, in prompt order, and the batch they were made in."""
 
     generations: list[Generation]
-    prompt_tokens: list[int]
     batch: int
     """1-based number of the :meth:`Aligner.generate` call (equal for jobs served together)."""
     batch_rows: int
-
-
-@dataclass(frozen=True)
-class StreamEnd:
-    """The last item of a stream: why it stopped."""
-
-    finish_reason: str
-    prompt_tokens: int
 
 
 @dataclass(frozen=True)
@@ -91,19 +68,18 @@ class StreamFailed:
 
 @dataclass
 class StreamJob:
-    """One streamed prompt. ``events`` receives TokenEvents, then a StreamEnd or StreamFailed."""
+    """One streamed prompt. ``events`` receives TokenEvents, then its Generation (or a StreamFailed)."""
 
     prompt: str
     seed: int
     topic: TopicScores | None
-    options: GenOptions
-    events: asyncio.Queue[TokenEvent | StreamEnd | StreamFailed] = field(default_factory=asyncio.Queue)
+    spec: GenerationSpec
+    events: asyncio.Queue[TokenEvent | Generation | StreamFailed] = field(default_factory=asyncio.Queue)
     started: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     """Resolved once the stream exists (or with the error that prevented it: bad options)."""
     cancelled: bool = False
     produced: int = 0
-    last_token: int | None = None
-    generator: Iterator[TokenEvent] | None = None
+    generator: Iterator[TokenEvent | Generation] | None = None
 
 
 @dataclass
@@ -128,7 +104,6 @@ class ModelWorker:
         self.pending: deque[GenerateJob] = deque()
         self.waiting: deque[StreamJob] = deque()
         self.active: list[StreamJob] = []
-        self._eos = aligner.eos_ids()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="saealign-model")
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -220,7 +195,7 @@ class ModelWorker:
 
     async def _run_batch(self, jobs: list[GenerateJob]) -> None:
         try:
-            generations, tokens = await self._call(self._generate, jobs)
+            generations = await self._call(self._generate, jobs)
         except SaealignError as e:
             if len(jobs) == 1:
                 _fail(jobs[0].future, e)
@@ -238,11 +213,11 @@ class ModelWorker:
         for job in jobs:
             n = len(job.prompts)
             if not job.future.done():
-                job.future.set_result(BatchResult(generations[start : start + n], tokens[start : start + n],
-                                                  self.stats.batches, len(generations)))
+                job.future.set_result(BatchResult(generations[start : start + n], self.stats.batches,
+                                                  len(generations)))
             start += n
 
-    def _generate(self, jobs: list[GenerateJob]) -> tuple[list[Generation], list[int]]:
+    def _generate(self, jobs: list[GenerateJob]) -> list[Generation]:
         """Runs on the model thread: one :meth:`Aligner.generate` call for every row of ``jobs``."""
         prompts = [p for job in jobs for p in job.prompts]
         seeds = [s for job in jobs for s in job.seeds]
@@ -255,17 +230,8 @@ class ModelWorker:
                 if i == len(topics):
                     topics.append(job.topic)
                 per_row += [i] * len(job.prompts)
-        options = asdict(jobs[0].options)
-        generations = self.aligner.generate(prompts, topic=topics or None, topic_per_row=per_row if topics else None,
-                                            seed=seeds, **options)
-        return generations, [self._prompt_tokens(p, options["chat"]) for p in prompts]
-
-    def _prompt_tokens(self, prompt: str, chat: bool) -> int:
-        tok: Any = self.aligner.lm.tokenizer
-        if chat:  # as Aligner encodes it: the template's text, whose own BOS is kept
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-            return len(tok(text, add_special_tokens=False)["input_ids"])
-        return len(tok(prompt)["input_ids"])
+        return self.aligner.generate(prompts, topics or None, jobs[0].spec, seed=seeds,
+                                     topic_per_row=per_row if topics else None)
 
     async def _admit_streams(self) -> bool:
         admitted = False
@@ -274,8 +240,7 @@ class ModelWorker:
             if job.cancelled:
                 continue
             try:
-                job.generator = await self._call(functools.partial(
-                    self.aligner.stream, job.prompt, topic=job.topic, seed=job.seed, **asdict(job.options)))
+                job.generator = await self._call(self.aligner.stream, job.prompt, job.topic, job.spec, job.seed)
             except Exception as e:  # bad options: the route answers 4xx before any event is sent
                 _fail(job.started, e)
                 continue
@@ -293,15 +258,15 @@ class ModelWorker:
             job.events.put_nowait(StreamFailed(str(e) if isinstance(e, SaealignError) else f"internal error: {e!r}"))
             await self._close(job, cancelled=False)
             return
-        if event is None:
-            reason = "eos" if job.last_token in self._eos else "length"
-            tokens = await self._call(self._prompt_tokens, job.prompt, job.options.chat)
-            job.events.put_nowait(StreamEnd(reason, tokens))
+        if event is None:  # a stream ends with its Generation: reaching the end without one is a bug
+            job.events.put_nowait(StreamFailed("internal error: the stream ended without its generation"))
+            await self._close(job, cancelled=False)
+            return
+        job.events.put_nowait(event)
+        if isinstance(event, Generation):
             await self._close(job, cancelled=False)
             return
         job.produced += 1
-        job.last_token = event.token_id
-        job.events.put_nowait(event)
 
     async def _close(self, job: StreamJob, cancelled: bool) -> None:
         self.active.remove(job)

@@ -3,10 +3,14 @@
 OpenAI compatibility: ``/v1/completions`` and ``/v1/chat/completions`` accept OpenAI's request
 fields and answer in OpenAI's schema (streams as ``chat.completion.chunk`` / ``text_completion``
 events ending with ``data: [DONE]``), so existing clients work unchanged. Two extra fields choose
-the alignment: ``topic`` (a topic id from ``POST /v1/topics``, or a list of topic texts) and
-``saealign`` ({method, mode, strength, top_k, greedy}). ``temperature`` 0 means greedy; ``top_p``
-and other sampling fields are ignored (saealign samples top-k, the paper's k = 5); ``stop`` and
-``n`` > 1 are refused. Chat is single-turn: system messages are prepended to the one user message.
+the alignment: ``topic`` (a topic id from ``POST /v1/topics``, or a list of topic texts, as in every
+route) and ``saealign`` (the steering fields of :class:`~saealign.serve.schemas.SteeringOptions`).
+``temperature`` 0 means greedy; ``top_p`` and other sampling fields are ignored (saealign samples
+top-k, the paper's k = 5); ``stop`` and ``n`` > 1 are refused. Chat is single-turn: system messages
+are prepended to the one user message.
+
+A stream's last event carries the :class:`~saealign.steering.aligner.Generation` the library
+produced (text, finish reason, contamination, strength used): nothing is re-derived here.
 """
 
 from __future__ import annotations
@@ -16,61 +20,26 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
-from saealign.serve.app import ApiError, GenerateRequest, Method, Mode, TopicRequest
-from saealign.serve.batching import GenOptions, StreamEnd, StreamJob
+from saealign.serve.batching import StreamJob
+from saealign.serve.schemas import (
+    ApiError,
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    GenerateRequest,
+    OpenAIRequest,
+    TopicRequest,
+)
+from saealign.serve.state import ServerState
 from saealign.steering.aligner import Generation, TokenEvent
-
-if TYPE_CHECKING:
-    from saealign.reference.scoring import TopicScores
-    from saealign.serve.app import ServerState
+from saealign.steering.spec import METHODS, MODES
 
 FINISH = {"eos": "stop", "length": "length"}
-
-
-class SaealignOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    method: Method | None = None
-    """Default: swap with a topic, none without."""
-    mode: Mode = "error"
-    strength: float | Literal["auto"] = "auto"
-    top_k: int = 5
-    greedy: bool = False
-
-
-class OpenAIRequest(BaseModel):
-    # OpenAI clients send fields saealign has no use for (top_p, user, ...): accept and ignore them
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    model: str | None = None
-    temperature: float | None = None
-    n: int | None = 1
-    stream: bool = False
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    topic: str | list[str] | None = Field(None, description="a topic id, or the topic's texts")
-    saealign: SaealignOptions = Field(default_factory=lambda: SaealignOptions())
-
-
-class CompletionRequest(OpenAIRequest):
-    prompt: str | list[str]
-    max_tokens: int | None = 16
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatRequest(OpenAIRequest):
-    messages: list[ChatMessage]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
 
 
 def add_routes(app: FastAPI, state: ServerState) -> None:
@@ -79,11 +48,11 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/health", tags=["meta"])
     async def health() -> dict[str, Any]:
-        """Liveness, what is loaded, and the worker's counters (``batches``: generate calls run)."""
+        """Liveness, what is loaded, the worker's counters (``batches``: generate calls run), the steering methods."""
         worker = state.worker.snapshot() if state.worker else {}
         return {"status": "ok", "model": state.model_name, "layer": aligner.layer, "sae": aligner.sae_key,
                 "d_sae": aligner.sae.d_sae, "index": aligner.index is not None, "topics": len(state.topics.topics),
-                **worker, "limits": asdict(state.limits)}
+                **worker, "limits": asdict(state.limits), "methods": list(METHODS), "modes": list(MODES)}
 
     @app.get("/v1/examples", tags=["topics"])
     async def examples() -> dict[str, Any]:
@@ -110,20 +79,20 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
     async def generate(body: GenerateRequest, request: Request) -> Any:
         """Continue the prompt(s) steered toward the topic; Server-Sent Events when ``stream`` is true.
 
+        ``topic``: a topic id or the topic's texts (``topic_id`` / ``topic_texts`` are aliases).
         Stream events: ``data: {text, token_id, contamination, index}`` per token, then
-        ``event: done`` with the whole generation (or ``event: error``).
+        ``event: done`` with the whole generation, as the non-streamed answer gives it (or ``event: error``).
         """
         prompts = state.prompts(body.prompt, body.prompts)
         seeds = state.seeds(body.seed, len(prompts))
-        topic_id, topic = await state.topic(body.topic_id, body.topic_texts)
-        options = state.options(topic, body.method, body.mode, body.strength, body.max_new_tokens, body.top_k,
-                                body.temperature, body.greedy, body.chat)
+        topic_id, topic = await state.topic(body.topic_value())
+        spec = state.spec(topic, body.method, body.max_new_tokens, body.spec_fields())
         if body.stream:
             if len(prompts) != 1:
                 raise ApiError(400, "a stream has one prompt: send prompt, not a list of prompts")
-            job = await state.open_stream(prompts[0], seeds[0], topic, options)
+            job = await state.open_stream(prompts[0], seeds[0], topic, spec)
             return sse_response(_generate_events(state, request, job, topic_id))
-        result = await state.generate(prompts, seeds, topic_id, topic, options)
+        result = await state.generate(prompts, seeds, topic_id, topic, spec)
         return {"model": state.model_name, "batch": result.batch, "batch_rows": result.batch_rows,
                 "generations": [_generation(g, topic_id) for g in result.generations]}
 
@@ -165,26 +134,12 @@ def _generation(g: Generation, topic_id: str | None) -> dict[str, Any]:
 
 async def _generate_events(state: ServerState, request: Request, job: StreamJob,
                            topic_id: str | None) -> AsyncIterator[str]:
-    pieces: list[str] = []
-    ids: list[int] = []
-    contamination: list[float] = []
     async for item in state.events(request, job):
         if isinstance(item, TokenEvent):
-            pieces.append(item.text)
-            ids.append(item.token_id)
-            if item.contamination is not None:
-                contamination.append(item.contamination)
             yield sse({"text": item.text, "token_id": item.token_id, "contamination": item.contamination,
                        "index": item.index})
-        elif isinstance(item, StreamEnd):
-            o = job.options
-            yield sse({"prompt": job.prompt, "text": "".join(pieces), "tokens": pieces, "token_ids": ids,
-                       "token_contamination": contamination if job.topic is not None else None,
-                       "contamination": sum(contamination) / len(contamination) if contamination else None,
-                       "finish_reason": item.finish_reason, "prompt_tokens": item.prompt_tokens,
-                       "method": o.method, "mode": o.mode, "strength": _strength_used(state, job.topic, o),
-                       "seed": job.seed,
-                       "topic_id": topic_id}, event="done")
+        elif isinstance(item, Generation):
+            yield sse(_generation(item, topic_id), event="done")
         else:
             yield sse({"error": item.message}, event="error")
 
@@ -214,46 +169,33 @@ async def _openai(state: ServerState, request: Request, body: OpenAIRequest, pro
         raise ApiError(400, f"n is {body.n}: saealign makes one choice per prompt, send n=1 (or vary seed)")
     if body.stop:
         raise ApiError(400, "stop sequences are not supported by saealign: leave stop out")
-    if isinstance(body.topic, str):
-        topic_id, topic = await state.topic(body.topic, None)
-    else:
-        topic_id, topic = await state.topic(None, body.topic)
+    topic_id, topic = await state.topic(body.topic)
     s = body.saealign
     temperature = 1.0 if body.temperature is None else body.temperature
-    options = state.options(topic, s.method, s.mode, s.strength, max_tokens, s.top_k, temperature or 1.0,
-                            s.greedy or temperature == 0, chat)
+    fields = s.spec_fields() | {"temperature": temperature or 1.0, "greedy": s.greedy or temperature == 0, "chat": chat}
+    spec = state.spec(topic, s.method, max_tokens, fields)
     seed = body.seed or 0
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     head = {"id": ident, "created": int(time.time()), "model": state.model_name}
     if body.stream:
         if len(prompts) != 1:
             raise ApiError(400, "a stream has one prompt: send prompt as a string, not a list")
-        job = await state.open_stream(prompts[0], seed, topic, options)
+        job = await state.open_stream(prompts[0], seed, topic, spec)
         return sse_response(_openai_chunks(state, request, job, head, chat))
-    result = await state.generate(prompts, [seed] * len(prompts), topic_id, topic, options)
+    result = await state.generate(prompts, [seed] * len(prompts), topic_id, topic, spec)
     choices = []
     for i, g in enumerate(result.generations):
         answer = {"message": {"role": "assistant", "content": g.text}} if chat else {"text": g.text, "logprobs": None}
         choices.append({"index": i, **answer, "finish_reason": FINISH[g.finish_reason],
                         "contamination": g.contamination})
     completion = sum(len(g.token_ids) for g in result.generations)
-    prompt_tokens = sum(result.prompt_tokens)
+    prompt_tokens = sum(g.prompt_tokens for g in result.generations)
     return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                       "total_tokens": prompt_tokens + completion},
-            "saealign": {"topic_id": topic_id, **_options_json(options), "batch": result.batch,
+            "saealign": {"topic_id": topic_id, "method": spec.method, "mode": spec.mode, "strength": spec.strength,
+                         "batch": result.batch,
                          "strength_used": [g.strength for g in result.generations]}}
-
-
-def _strength_used(state: ServerState, topic: TopicScores | None, o: GenOptions) -> float | str:
-    """The number an ``auto`` strength resolved to (the stream's search cached it on the topic)."""
-    if o.strength != "auto" or topic is None or o.method not in ("swap", "weight"):
-        return 1.0 if o.strength == "auto" else o.strength
-    return state.aligner.auto_strength(topic, o.method, o.mode).strength
-
-
-def _options_json(o: GenOptions) -> dict[str, Any]:
-    return {"method": o.method, "mode": o.mode, "strength": o.strength}
 
 
 async def _openai_chunks(state: ServerState, request: Request, job: StreamJob, head: dict[str, Any],
@@ -273,7 +215,7 @@ async def _openai_chunks(state: ServerState, request: Request, job: StreamJob, h
     async for item in state.events(request, job):
         if isinstance(item, TokenEvent):
             yield chunk(item.text, None, {"contamination": item.contamination})
-        elif isinstance(item, StreamEnd):
+        elif isinstance(item, Generation):
             yield chunk(None, FINISH[item.finish_reason])
         else:
             yield sse({"error": {"message": item.message, "type": "server_error", "code": 500}})

@@ -33,6 +33,8 @@ async function loadInfo() {
   try {
     const health = await api("/health");
     $("model-info").textContent = `${health.model}, SAE ${health.sae} (${health.d_sae} latents) at layer ${health.layer}`;
+    fillSelect("method", health.methods.filter((m) => m !== "none"), "swap"); // the library's vocabulary
+    fillSelect("mode", health.modes, "error");
   } catch (e) { say("model-info", e.message, true); }
   try {
     const {examples} = await api("/v1/examples");
@@ -44,6 +46,15 @@ async function loadInfo() {
       $("example-select").appendChild(option);
     }
   } catch (e) { say("topic-status", e.message, true); }
+}
+
+function fillSelect(id, values, selected) {
+  $(id).replaceChildren(...values.map((v) => {
+    const option = document.createElement("option");
+    option.value = option.textContent = v;
+    option.selected = v === selected;
+    return option;
+  }));
 }
 
 function topicTexts() {
@@ -182,7 +193,7 @@ async function generate() {
     }
     say("status", "generating...");
     const common = {
-      prompt, topic_id: topic.id, mode: $("mode").value, strength: strengthValue(),
+      prompt, topic: topic.id, mode: $("mode").value, strength: strengthValue(),
       max_new_tokens: Number($("max-new-tokens").value), seed: Number($("seed").value), stream: true,
     };
     for (const id of ["plain-output", "steered-output"]) delete $(id).dataset.done;
