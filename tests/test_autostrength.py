@@ -17,7 +17,7 @@ from saealign.reference.scoring import TopicScores
 from saealign.sae.autoencoder import SAE, sae_key
 from saealign.steering.aligner import Aligner
 from saealign.steering.spec import GenerationSpec as Spec
-from saealign.steering.strength import AutoStrengthConfig, continuation_nll, neutral_prompts
+from saealign.steering.strength import AutoStrengthConfig, neutral_prompts, token_nlls
 
 FAST = AutoStrengthConfig(n_prompts=4, max_new_tokens=4, strengths=(0.5, 1.0, 4.0, 8.0))
 PROMPTS = ["the cat sat on the", "a dog ran to"]
@@ -42,36 +42,49 @@ def topic(sae: SAE, seed: int, value: float | None = None) -> TopicScores:
                        sae_key=sae_key(sae))
 
 
-def test_choice_is_the_strongest_within_the_budget_of_the_monotone_fit(sae: SAE) -> None:
+def test_choice_meets_the_budget_on_the_fitted_curve(sae: SAE) -> None:
     for budget in (0.05, 0.5, 100.0):
         aligner = make(sae, AutoStrengthConfig(**{**FAST.__dict__, "budget": budget}))
         choice = aligner.auto_strength(topic(sae, 1))
         assert [t["strength"] for t in choice.trials] == sorted(FAST.strengths)  # every candidate measured
-        fit = [t["ppl_ratio_fit"] for t in choice.trials]
-        assert fit == auto_mod.isotonic([t["ppl_ratio"] for t in choice.trials])
-        within = [t for t in choice.trials if t["ppl_ratio_fit"] <= 1 + budget and t["distance"] < choice.base_distance]
-        assert choice.strength == (within[-1]["strength"] if within else 0.0)
+        a, b = choice.fit
+        assert (a, b) == auto_mod.fit_curve([t["strength"] for t in choice.trials], [t["log_ratio"] for t in choice.trials])
+        want = auto_mod.solve_budget(a, b, budget, max(FAST.strengths))
+        below = [t for t in choice.trials if t["strength"] <= want + 1e-9] or choice.trials[:1]
+        if below[-1]["distance"] < choice.base_distance:
+            assert choice.strength == pytest.approx(want, abs=1e-4)
+            assert a * want + b * want**2 <= math.log1p(budget) + 1e-9
+        else:
+            assert choice.strength == 0.0 and "steering off" in choice.note
 
 
-def test_isotonic_fit_by_hand() -> None:
-    assert auto_mod.isotonic([1.0, 0.8, 1.1, 1.5, 1.9, 1.8]) == pytest.approx([0.9, 0.9, 1.1, 1.5, 1.85, 1.85])
-    assert auto_mod.isotonic([3.0, 2.0, 1.0]) == [2.0, 2.0, 2.0]
-    assert auto_mod.isotonic([1.0, 2.0]) == [1.0, 2.0] and auto_mod.isotonic([]) == []
+def test_fit_and_solve_are_exact_on_a_quadratic() -> None:
+    s = [0.1, 0.2, 0.3, 0.45, 0.6]
+    a, b = auto_mod.fit_curve(s, [0.2 * x + 0.9 * x * x for x in s])
+    assert (a, b) == pytest.approx((0.2, 0.9), abs=1e-9)
+    x = auto_mod.solve_budget(a, b, 0.1, 10.0)
+    assert a * x + b * x * x == pytest.approx(math.log1p(0.1))
+    assert auto_mod.solve_budget(0.0, 0.0, 0.1, 0.6) == 0.6  # no cost at all: the largest candidate
+    assert auto_mod.solve_budget(1.0, 0.0, 0.1, 0.6) == pytest.approx(math.log1p(0.1))
+    # negative slopes are not allowed: a noisy candidate cheaper than unsteered cannot make cost fall with strength
+    assert auto_mod.fit_curve([1.0, 2.0], [-0.1, -0.3]) == (0.0, 0.0)
 
 
-def test_equal_scores_change_nothing_so_auto_keeps_steering_off(sae: SAE) -> None:
-    # all weights equal: Swap selects what the SAE does, error mode is then the identity
-    choice = make(sae).auto_strength(topic(sae, 0, value=0.5))
-    assert [t["ppl_ratio"] for t in choice.trials] == [1.0] * len(FAST.strengths)
-    assert all(t["distance"] == choice.base_distance for t in choice.trials)
-    assert (choice.strength, choice.ppl_ratio, choice.gap_closed) == (0.0, 1.0, 0.0)
-    assert "steering off" in choice.describe() or "-> 0" in choice.describe()
+def test_read_log_ratio_separates_lasting_from_one_off_cost() -> None:
+    # probe of 24 tokens: halves of 12; base mean NLL 1.0 / 1.0, steered 1.5 / 1.2
+    rate, switch, log_ratio = auto_mod.read_log_ratio((1.0, 1.0), (1.5, 1.2), 24, 64)
+    assert rate == pytest.approx(0.2) and switch == pytest.approx(0.5 * 12 - 0.2 * 12)
+    assert log_ratio == pytest.approx(0.2 + 3.6 / 64)
+    # a pure one-off cost reads smaller the longer the text
+    assert auto_mod.read_log_ratio((1.0, 1.0), (1.5, 1.0), 24, 64)[2] == pytest.approx(6 / 64)
+    assert auto_mod.read_log_ratio((1.0, 1.0), (0.5, 0.8), 24, 64) == (0.0, 0.0, 0.0)  # cheaper text costs nothing
+    assert auto_mod.halves([np.array([1.0, 2.0, 3.0, 4.0]), np.array([5.0])], 4) == (8 / 3, 3.5)
 
 
 def test_auto_is_deterministic_cached_and_saved(sae: SAE, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     t1, t2 = topic(sae, 3), topic(sae, 3)
     a, b = make(sae).auto_strength(t1), make(sae).auto_strength(t2)
-    assert (a.strength, a.trials, a.base_ppl) == (b.strength, b.trials, b.base_ppl)
+    assert (a.strength, a.trials, a.fit) == (b.strength, b.trials, b.fit)
     calls = []
     monkeypatch.setattr(auto_mod, "choose_strength", lambda *args: calls.append(args))  # the aligner imports it on use
     aligner = make(sae)
@@ -103,19 +116,19 @@ def test_rows_with_different_auto_strengths_share_one_batch(sae: SAE) -> None:
         assert both[i].token_contamination == pytest.approx(alone.token_contamination, abs=1e-6)
 
 
-def test_continuation_nll_matches_the_logits(sae: SAE) -> None:
+def test_token_nlls_match_the_logits(sae: SAE) -> None:
     lm = make(sae).lm
     prompt, new = [1, 5, 6, 7], [8, 9, 10]
-    total, n = continuation_nll(lm, [prompt, [1, 4]], [new, [5]])
+    nlls = token_nlls(lm, [prompt, [1, 4]], [new, [5]])
     with torch.no_grad():
         logp = torch.log_softmax(lm.model(input_ids=torch.tensor([prompt + new])).logits[0].float(), -1)
         logp2 = torch.log_softmax(lm.model(input_ids=torch.tensor([[1, 4, 5]])).logits[0].float(), -1)
-    want = -sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(new)) - float(logp2[1, 5])
-    assert n == 4 and math.isclose(total, want, rel_tol=1e-5)
+    want = [-float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(new)]
+    assert nlls[0] == pytest.approx(want, rel=1e-5) and nlls[1] == pytest.approx([-float(logp2[1, 5])], rel=1e-5)
 
 
 def test_bad_input(sae: SAE) -> None:
-    with pytest.raises(SaealignError, match="budget must be > 0"):
+    with pytest.raises(SaealignError, match="budget must be a finite number > 0"):
         AutoStrengthConfig(budget=0)
     with pytest.raises(SaealignError, match="positive"):
         AutoStrengthConfig(strengths=(1.0, -2.0))
@@ -128,6 +141,8 @@ def test_bad_input(sae: SAE) -> None:
     assert no_embedder.generate(PROMPTS, topic(sae, 1), Spec(strength=1, max_new_tokens=2))  # a number needs none
     with pytest.raises(SaealignError, match="neutral prompts"):
         neutral_prompts(10_000)
+    with pytest.raises(SaealignError, match="needs a method that reads a strength"):
+        aligner.auto_strength(topic(sae, 1), Spec("clamp"))
 
 
 def test_one_batch_search_equals_one_call_per_candidate(sae: SAE) -> None:
@@ -139,24 +154,8 @@ def test_one_batch_search_equals_one_call_per_candidate(sae: SAE) -> None:
     for trial in choice.trials:
         spec = Spec(strength=trial["strength"], max_new_tokens=FAST.max_new_tokens, top_k=FAST.top_k)
         gens = aligner.generate(probe.prompts, t, spec, seed=FAST.seed)
-        nll, n = continuation_nll(aligner.lm, probe.prompt_ids, [g.token_ids for g in gens])
-        assert trial["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+        steered = auto_mod.halves(token_nlls(aligner.lm, probe.prompt_ids, [g.token_ids for g in gens]),
+                                  FAST.max_new_tokens)
+        want = auto_mod.read_log_ratio(probe.halves, steered, FAST.max_new_tokens, FAST.read_tokens)
+        assert (trial["rate"], trial["switch"], trial["log_ratio"]) == pytest.approx(want, abs=1e-6)
         assert trial["distance"] == pytest.approx(auto_mod._distance(aligner, [g.text for g in gens], emb), rel=1e-6)
-
-
-def test_an_independent_judge_scores_the_text(sae: SAE, monkeypatch: pytest.MonkeyPatch) -> None:
-    from saealign.evaluate.metrics import continuation_nll as text_nll
-    from saealign.evaluate.metrics import perplexity
-
-    judge = LoadedModel(model=make_llama(seed=7), tokenizer=make_tokenizer(), name="other-judge", key="judge",
-                        load_seconds=0.0)
-    monkeypatch.setattr(auto_mod, "load_model", lambda spec: judge if spec == "other-judge" else None)
-    aligner = make(sae, AutoStrengthConfig(**{**FAST.__dict__, "judge": "other-judge"}))
-    choice = aligner.auto_strength(topic(sae, 2))
-    probe = aligner.neutral_probe(aligner.auto_config)
-    base = aligner.generate(probe.prompts, spec=Spec("none", max_new_tokens=FAST.max_new_tokens, top_k=FAST.top_k),
-                            seed=FAST.seed)
-    assert choice.judge == "other-judge" and probe.judge is judge
-    assert choice.base_ppl == pytest.approx(perplexity(text_nll(judge, probe.prompts, [g.text for g in base])))
-    self_judged = make(sae).auto_strength(topic(sae, 2))
-    assert self_judged.judge == "self" and self_judged.base_ppl != choice.base_ppl

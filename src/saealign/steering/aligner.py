@@ -145,11 +145,10 @@ class Aligner:
 
         spec = spec or GenerationSpec()
         topic.check_compatible(self.sae_key, self.sae.d_sae)
-        key = cache_key(self, spec.method, spec.mode, self.auto_config) + ("" if spec.steer_prompt else "-generated-only")
+        key = cache_key(self, spec, self.auto_config)
         cached = topic.extra.setdefault("auto_strength", {})
         if key not in cached:
-            cached[key] = choose_strength(self, topic, spec.method, spec.mode, self.auto_config,
-                                          spec.steer_prompt).to_json()
+            cached[key] = choose_strength(self, topic, spec, self.auto_config).to_json()
         return StrengthChoice.from_json(cached[key])
 
     def neutral_probe(self, cfg: AutoStrengthConfig) -> NeutralProbe:

@@ -1,21 +1,20 @@
-"""``strength="auto"``: the strongest steering that keeps the text fluent, found per topic in seconds.
+"""``strength="auto"``: the strongest steering whose fluency cost stays within a budget, found per topic in seconds.
 
-Swap (and Weight) weight the pre-activations by ``scores ** strength`` (:class:`saealign.steering.edits.Steering`):
-``strength=1`` is the paper's Swap, ``0`` gives every latent weight 1 (the plain SAE: in ``error`` mode
-no edit at all), larger values let only the best-scored latents win. Stronger moves text further
-toward the topic and, past some point, breaks fluency. The paper leaves the trade-off to the user;
-its constraint C3 says users should not tune parameters. So, per topic:
+Stronger steering moves text further toward the topic and, past some point, breaks fluency. The paper
+leaves the trade-off to the user; its constraint C3 says users should not tune parameters. So, per topic:
 
-1. continue a small fixed set of neutral prompts (shipped with the package) unsteered, with fixed
-   seeds, and measure the perplexity of those continuations under the unsteered model itself;
-2. continue the same prompts with the same seeds steered at every candidate strength (one batch),
-   and measure for each (a) the perplexity of the steered continuations under the *unsteered* model
-   and (b) their mean min-distance to the topic texts (MiniLM, as the evaluation does);
-3. fit the perplexity ratios of all candidates with a non-decreasing (isotonic) curve, which pools
-   the noise of short continuations, and keep the strongest candidate whose fitted ratio stays within
-   the fluency budget (default +15 %) and moves the text toward the topic at all (distance below the
-   unsteered one): stronger steering moves text further toward the topic. If none qualifies, the
-   strength is 0: no steering, said so in the choice.
+1. continue a small fixed set of neutral prompts (shipped) unsteered, with fixed seeds, and score each
+   generated token's negative log-likelihood under the unsteered model itself;
+2. continue the same prompts with the same seeds at every candidate strength (one batch);
+3. turn each candidate's extra NLL into the perplexity ratio **a reader would see over ``read_tokens``
+   tokens** (64, the default continuation): the extra NLL of the probe's second half is a per-token
+   rate ``c`` that lasts; what the first half adds beyond it is a one-off cost ``C`` of switching topic.
+   Over ``T`` read tokens the ratio is ``exp(c + C / T)``. (Comparing the short probe's per-token
+   perplexities directly would charge the one-off cost ``T / probe`` times over);
+4. fit ``log ratio = a·s + b·s²`` (a, b >= 0, least squares) through all candidates: smooth and monotone,
+   so one noisy candidate cannot veto every stronger one; choose the strength where the fit meets the
+   budget (capped at the largest candidate), provided that candidates up to there move the text toward
+   the topic (MiniLM distance below the unsteered one). Otherwise the strength is 0: said so.
 
 Everything is seeded, so the choice is deterministic; it is cached in the topic's
 ``TopicScores.extra`` and saved with it. Common random numbers (the same seeds for every strength)
@@ -36,43 +35,56 @@ import torch
 
 from saealign.cache import hash_json
 from saealign.errors import SaealignError
-from saealign.models import LoadedModel, load_model
+from saealign.models import LoadedModel
 from saealign.reference.embed import min_distances
-from saealign.steering.spec import GenerationSpec
+from saealign.steering.spec import STRENGTH_METHODS, GenerationSpec
 
 if TYPE_CHECKING:
     from saealign.reference.scoring import TopicScores
-    from saealign.steering.aligner import Aligner, Generation
+    from saealign.steering.aligner import Aligner
+    from saealign.steering.generation import Generation
 
 NEUTRAL_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "neutral_prompts.txt"
-AUTO = "auto"
+
+CANDIDATES: dict[str, tuple[float, ...]] = {
+    "swap": (0.5, 1.0, 2.0, 3.0, 5.0),
+    "weight": (0.25, 0.5, 1.0, 2.0, 3.0),
+    "add": (0.1, 0.2, 0.3, 0.45, 0.6),
+    "swap_add": (0.1, 0.2, 0.3, 0.45, 0.6),
+}
+"""The strengths tried per method, inside :data:`saealign.steering.spec.STRENGTH_RANGE`."""
 
 
 @dataclass(frozen=True)
 class AutoStrengthConfig:
     """How the automatic strength is searched. The defaults take a few seconds on a 2-core CPU."""
 
-    budget: float = 0.15
-    """Allowed perplexity increase of steered over unsteered continuations (0.15 = +15 %)."""
-    strengths: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
-    """Candidates (all tried, in one batch)."""
+    budget: float = 0.10
+    """Allowed perplexity increase over ``read_tokens`` tokens, steered over unsteered (0.10 = +10 %), under
+    the model itself; the steering benchmark measured how that reads under an independent judge."""
+    read_tokens: int = 64
+    """The continuation length the budget speaks of (the default ``max_new_tokens``)."""
     n_prompts: int = 8
     """Neutral prompts continued per candidate (the first n of the shipped file)."""
-    max_new_tokens: int = 16
+    max_new_tokens: int = 24
+    """Probe length; its two halves separate the lasting cost from the one-off one."""
     top_k: int = 5
     seed: int = 0
-    judge: str = "self"
-    """Whose perplexity: ``self`` (the aligner's own model, unsteered: no second model to load) or a model
-    spec for :func:`saealign.models.load_model` (an independent judge such as ``gemma3-270m``). On the
-    defaults both chose the same strength for the medical topic (0.3); Gemma took 2x longer."""
+    strengths: tuple[float, ...] | None = None
+    """Candidates; None = :data:`CANDIDATES` of the method."""
 
     def __post_init__(self) -> None:
-        if not self.budget > 0:
-            raise SaealignError(f"the fluency budget must be > 0 (e.g. 0.15 for +15 %), got {self.budget}")
-        if not self.strengths or any(not s > 0 for s in self.strengths):
+        if not self.budget > 0 or not math.isfinite(self.budget):
+            raise SaealignError(f"the fluency budget must be a finite number > 0 (0.1 = +10 %), got {self.budget}")
+        if self.strengths is not None and (not self.strengths or any(not s > 0 for s in self.strengths)):
             raise SaealignError(f"candidate strengths must be positive numbers, got {self.strengths}")
-        if self.n_prompts < 1 or self.max_new_tokens < 1 or self.top_k < 1:
-            raise SaealignError("n_prompts, max_new_tokens and top_k must be at least 1")
+        if self.n_prompts < 1 or self.max_new_tokens < 2 or self.top_k < 1 or self.read_tokens < 1:
+            raise SaealignError("n_prompts, top_k and read_tokens must be at least 1, max_new_tokens at least 2")
+
+    def candidates(self, method: str) -> tuple[float, ...]:
+        if method not in STRENGTH_METHODS:
+            raise SaealignError(f"strength='auto' needs a method that reads a strength ({', '.join(STRENGTH_METHODS)})")
+        return tuple(sorted(set(self.strengths or CANDIDATES[method])))
 
     def key(self) -> str:
         return hash_json(asdict(self))[:12]
@@ -83,21 +95,21 @@ class StrengthChoice:
     """What the search chose and measured (JSON round-trips through :meth:`to_json`/:meth:`from_json`)."""
 
     strength: float
-    """The chosen strength (0 = no candidate fitted the budget: steering is off)."""
+    """The chosen strength (0 = nothing within the budget moved the text toward the topic: steering off)."""
     ppl_ratio: float
-    """Perplexity of the chosen strength's continuations over the unsteered ones (1.0 at strength 0)."""
+    """The fitted perplexity ratio over ``read_tokens`` at the chosen strength (1.0 at strength 0)."""
     distance: float
-    """Mean min-distance of the chosen strength's continuations to the topic texts."""
-    base_ppl: float
+    """Mean min-distance to the topic texts of the strongest candidate at or below the choice."""
     base_distance: float
     budget: float
     method: str
     mode: str
     seconds: float
-    judge: str = "self"
-    """The model whose perplexity was measured."""
+    fit: tuple[float, float] = (0.0, 0.0)
+    """``(a, b)`` of ``log ratio = a·s + b·s²``."""
     trials: list[dict[str, float]] = field(default_factory=list)
-    """One ``{strength, ppl, ppl_ratio, distance}`` per candidate tried."""
+    """One ``{strength, rate, switch, log_ratio, distance}`` per candidate tried."""
+    note: str = ""
 
     @property
     def gap_closed(self) -> float:
@@ -106,18 +118,18 @@ class StrengthChoice:
 
     def describe(self) -> str:
         if self.strength == 0:
-            return (f"strength auto -> 0 (no candidate moved toward the topic within +{self.budget:.0%} perplexity: "
-                    f"steering off; "
-                    f"searched in {self.seconds:.1f} s)")
-        return (f"strength auto -> {self.strength:g} ({self.judge} perplexity {self.ppl_ratio - 1:+.1%} of unsteered, budget "
-                f"+{self.budget:.0%}; distance to topic {self.base_distance:.3f} -> {self.distance:.3f}; "
-                f"searched in {self.seconds:.1f} s)")
+            return f"strength auto -> 0: {self.note or 'steering off'} (searched in {self.seconds:.1f} s)"
+        return (f"strength auto -> {self.strength:.3g} ({self.method}; perplexity {self.ppl_ratio - 1:+.1%} over "
+                f"unsteered, budget +{self.budget:.0%}; distance to topic {self.base_distance:.3f} -> "
+                f"{self.distance:.3f}; searched in {self.seconds:.1f} s)")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StrengthChoice:
+        data = dict(data)
+        data["fit"] = tuple(data.get("fit", (0.0, 0.0)))
         return cls(**data)
 
 
@@ -130,19 +142,16 @@ def neutral_prompts(n: int) -> list[str]:
 
 
 @torch.inference_mode()
-def continuation_nll(lm: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_ids: Sequence[Sequence[int]],
-                     batch: int = 16) -> tuple[float, int]:
-    """``(summed NLL in nats, tokens)`` of the ``new_ids`` continuations given ``prompt_ids``, under ``lm``.
+def token_nlls(lm: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_ids: Sequence[Sequence[int]],
+               batch: int = 32) -> list[np.ndarray]:
+    """Per generated token, its NLL (nats) given the prompt and the tokens before it, under ``lm`` unsteered.
 
-    Works on token ids (no re-tokenisation of decoded text), right-padded, the model unsteered.
+    Works on token ids (no re-tokenisation of decoded text), right-padded.
     """
-    total, count = 0.0, 0
     device = next(lm.model.parameters()).device
+    out: list[np.ndarray] = []
     for b in range(0, len(prompt_ids), batch):
-        rows = [(list(p), list(c)) for p, c in zip(prompt_ids[b : b + batch], new_ids[b : b + batch], strict=True)]
-        rows = [(p, c) for p, c in rows if c]
-        if not rows:
-            continue
+        rows = [(list(p), list(c)) for p, c in zip(prompt_ids[b:b + batch], new_ids[b:b + batch], strict=True)]
         width = max(len(p) + len(c) for p, c in rows)
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -150,12 +159,51 @@ def continuation_nll(lm: LoadedModel, prompt_ids: Sequence[Sequence[int]], new_i
             ids[i, : len(p) + len(c)] = torch.tensor(p + c)
             mask[i, : len(p) + len(c)] = 1
         logits = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        nll = -logp.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        nll = -torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
         for i, (p, c) in enumerate(rows):
-            total += float(nll[i, len(p) - 1 : len(p) + len(c) - 1].sum())
-            count += len(c)
-    return total, count
+            out.append(nll[i, len(p) - 1: len(p) + len(c) - 1].cpu().numpy().astype(np.float64))
+    return out
+
+
+def halves(nlls: Sequence[np.ndarray], length: int) -> tuple[float, float]:
+    """Mean per-token NLL of the first and the second half of ``length`` tokens, over rows (early-ended rows
+    count what they have; an empty half reads 0)."""
+    cut = length // 2
+    first = [x[:cut] for x in nlls if len(x[:cut])]
+    second = [x[cut:] for x in nlls if len(x[cut:])]
+    mean = lambda parts: float(np.concatenate(parts).mean()) if parts else 0.0  # noqa: E731
+    return mean(first), mean(second)
+
+
+def read_log_ratio(base: tuple[float, float], steered: tuple[float, float], length: int, read_tokens: int) -> tuple[
+        float, float, float]:
+    """``(rate c, one-off cost C, log perplexity ratio over read_tokens)`` from the two halves' mean NLLs."""
+    cut = length // 2
+    rate = max(0.0, steered[1] - base[1])
+    first_extra = (steered[0] - base[0]) * cut
+    switch = max(0.0, first_extra - rate * cut)
+    return rate, switch, rate + switch / read_tokens
+
+
+def fit_curve(strengths: Sequence[float], log_ratios: Sequence[float]) -> tuple[float, float]:
+    """Non-negative least squares ``log r ≈ a·s + b·s²`` (through 0: no steering, no cost)."""
+    from scipy.optimize import nnls
+
+    s = np.asarray(strengths, dtype=float)
+    a, b = nnls(np.stack([s, s * s], axis=1), np.asarray(log_ratios, dtype=float))[0]
+    return float(a), float(b)
+
+
+def solve_budget(a: float, b: float, budget: float, cap: float) -> float:
+    """The strength where ``a·s + b·s² = log(1 + budget)``, at most ``cap``."""
+    target = math.log1p(budget)
+    if b > 1e-12:
+        s = (-a + math.sqrt(a * a + 4 * b * target)) / (2 * b)
+    elif a > 1e-12:
+        s = target / a
+    else:
+        s = cap
+    return min(s, cap)
 
 
 class NeutralProbe:
@@ -165,33 +213,13 @@ class NeutralProbe:
         self.prompts = neutral_prompts(cfg.n_prompts)
         tok: Any = aligner.lm.tokenizer
         self.prompt_ids = [list(tok(p)["input_ids"]) for p in self.prompts]
-        self.own = aligner.lm
-        self.judge = aligner.lm if cfg.judge == "self" else load_model(cfg.judge)
         plain = GenerationSpec("none", max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k)
         base = aligner.generate(self.prompts, spec=plain, seed=cfg.seed)
         self.base_texts = [g.text for g in base]
-        self.base_ppl = self.perplexity(base)
+        self.halves = halves(self.nlls(aligner, base), cfg.max_new_tokens)
 
-    def perplexity(self, gens: Sequence[Generation]) -> float:
-        """Token-weighted perplexity of the continuations ``gens`` (of :attr:`prompts`) under the judge."""
-        if self.judge is self.own:  # same tokenizer: score the generated ids themselves
-            nll, n = continuation_nll(self.judge, self.prompt_ids, [g.token_ids for g in gens])
-            return math.exp(nll / n)
-        from saealign.evaluate.metrics import continuation_nll as text_nll
-        from saealign.evaluate.metrics import perplexity
-
-        return perplexity(text_nll(self.judge, self.prompts, [g.text for g in gens]))
-
-
-def isotonic(values: Sequence[float]) -> list[float]:
-    """The least-squares non-decreasing fit of ``values`` (pool adjacent violators, equal weights)."""
-    blocks: list[list[float]] = []  # [mean, size]
-    for v in values:
-        blocks.append([float(v), 1.0])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            (m2, n2), (m1, n1) = blocks.pop(), blocks.pop()
-            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
-    return [m for m, size in blocks for _ in range(int(size))]
+    def nlls(self, aligner: Aligner, gens: Sequence[Generation]) -> list[np.ndarray]:
+        return token_nlls(aligner.lm, self.prompt_ids * (len(gens) // len(self.prompt_ids)), [g.token_ids for g in gens])
 
 
 def _distance(aligner: Aligner, texts: list[str], topic_embeddings: np.ndarray) -> float:
@@ -200,10 +228,12 @@ def _distance(aligner: Aligner, texts: list[str], topic_embeddings: np.ndarray) 
     return float(min_distances(aligner.embedder.embed(safe), topic_embeddings).mean())
 
 
-def choose_strength(aligner: Aligner, topic: TopicScores, method: str = "swap", mode: str = "error",
-                    cfg: AutoStrengthConfig | None = None, steer_prompt: bool = True) -> StrengthChoice:
-    """Search the strength for ``topic`` as the module docstring says (no caching: see :meth:`Aligner.auto_strength`)."""
+def choose_strength(aligner: Aligner, topic: TopicScores, spec: GenerationSpec,
+                    cfg: AutoStrengthConfig | None = None) -> StrengthChoice:
+    """Search the strength of ``spec.method`` for ``topic`` as the module docstring says (no caching: see
+    :meth:`Aligner.auto_strength`)."""
     cfg = cfg or AutoStrengthConfig()
+    candidates = cfg.candidates(spec.method)
     if aligner.embedder is None:
         raise SaealignError("strength='auto' measures distance to the topic texts and needs an embedder: "
                             "pass embedder= to Aligner, or give a number as the strength")
@@ -213,34 +243,39 @@ def choose_strength(aligner: Aligner, topic: TopicScores, method: str = "swap", 
     probe = aligner.neutral_probe(cfg)
     topic_emb = aligner.embedder.embed(list(topic.topic_texts))
     base_distance = _distance(aligner, probe.base_texts, topic_emb)
-    # Every candidate in ONE batch (rows = candidates x prompts, one strength per row): on a CPU a wide batch
-    # costs far less per token than one call per candidate. Equal prompts and seeds give every candidate
-    # the same random stream, so candidates differ only by their strength.
-    candidates = sorted(set(cfg.strengths))
+    # Every candidate in ONE batch (rows = candidates x prompts, one strength per row); equal prompts and seeds
+    # give every candidate the same random stream, so candidates differ only by their strength.
     n = len(probe.prompts)
-    spec = GenerationSpec(method, mode, max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, steer_prompt=steer_prompt)
-    gens = aligner.generate(probe.prompts * len(candidates), topic, spec, seed=cfg.seed,
+    search = GenerationSpec(**{**spec.to_json(), "strength": "auto", "max_new_tokens": cfg.max_new_tokens,
+                               "top_k": cfg.top_k, "greedy": False, "chat": False, "temperature": 1.0})
+    gens = aligner.generate(probe.prompts * len(candidates), topic, search, seed=cfg.seed,
                             strength_per_row=[s for s in candidates for _ in range(n)])
+    all_nlls = probe.nlls(aligner, gens)
     trials: list[dict[str, float]] = []
     for c, s in enumerate(candidates):
-        rows = gens[c * n : (c + 1) * n]
-        ppl = probe.perplexity(rows)
-        trials.append({"strength": s, "ppl": ppl, "ppl_ratio": ppl / probe.base_ppl,
-                       "distance": _distance(aligner, [g.text for g in rows], topic_emb)})
-    # A few short continuations make each perplexity noisy (+-20 % here); perplexity grows with the strength,
-    # so the ratios are smoothed by a monotone (isotonic) fit over all candidates before the budget is applied.
-    fitted = isotonic([t["ppl_ratio"] for t in trials])
-    best = (0.0, 1.0, base_distance)  # (strength, ppl ratio, distance); strength 0 = unsteered
-    for t, f in zip(trials, fitted, strict=True):
-        t["ppl_ratio_fit"] = f
-        if f <= 1 + cfg.budget and t["distance"] < base_distance:
-            best = (t["strength"], t["ppl_ratio"], t["distance"])  # the strongest within the budget that helps
-    return StrengthChoice(strength=best[0], ppl_ratio=best[1], distance=best[2], base_ppl=probe.base_ppl,
-                          base_distance=base_distance, budget=cfg.budget, method=method, mode=mode,
-                          seconds=time.perf_counter() - start, trials=trials,
-                          judge="self" if probe.judge is probe.own else probe.judge.name)
+        rows = slice(c * n, (c + 1) * n)
+        rate, switch, log_ratio = read_log_ratio(probe.halves, halves(all_nlls[rows], cfg.max_new_tokens),
+                                                 cfg.max_new_tokens, cfg.read_tokens)
+        trials.append({"strength": s, "rate": rate, "switch": switch, "log_ratio": log_ratio,
+                       "distance": _distance(aligner, [g.text for g in gens[rows]], topic_emb)})
+    a, b = fit_curve(candidates, [t["log_ratio"] for t in trials])
+    strength = solve_budget(a, b, cfg.budget, candidates[-1])
+    below = [t for t in trials if t["strength"] <= strength + 1e-9] or trials[:1]  # evidence of direction
+    note = ""
+    if below[-1]["distance"] >= base_distance:
+        note = (f"no strength within +{cfg.budget:.0%} perplexity moved the text toward the topic: steering off "
+                "(give more or more specific topic texts, or a number as the strength)")
+        strength = 0.0
+    distance = below[-1]["distance"] if strength else base_distance
+    ratio = math.exp(a * strength + b * strength * strength)
+    return StrengthChoice(strength=round(strength, 4), ppl_ratio=ratio, distance=distance, base_distance=base_distance,
+                          budget=cfg.budget, method=spec.method, mode=spec.mode,
+                          seconds=time.perf_counter() - start, fit=(a, b), trials=trials, note=note)
 
 
-def cache_key(aligner: Aligner, method: str, mode: str, cfg: AutoStrengthConfig) -> str:
-    """Where a choice lives in ``TopicScores.extra["auto_strength"]``: it holds for this model, SAE, layer and search."""
-    return f"{aligner.lm.key[:8]}-{aligner.sae_key[:8]}-L{aligner.layer}-{method}-{mode}-{cfg.key()}"
+def cache_key(aligner: Aligner, spec: GenerationSpec, cfg: AutoStrengthConfig) -> str:
+    """Where a choice lives in ``TopicScores.extra["auto_strength"]``: it holds for this model, SAE, layer, the
+    spec's steering options and the search configuration."""
+    steering = {k: v for k, v in spec.to_json().items()
+                if k in ("method", "mode", "steer_prompt", "unscored", "n_latents")}
+    return f"{aligner.lm.key[:8]}-{aligner.sae_key[:8]}-L{aligner.layer}-{spec.method}-{hash_json(steering)[:8]}-{cfg.key()}"

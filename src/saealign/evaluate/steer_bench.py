@@ -1,0 +1,185 @@
+"""``saealign eval steer-bench``: how well each steering method moves text to a topic, against prompting.
+
+For every topic of :mod:`saealign.evaluate.bench_topics` (12 by default, in groups of 4 from one dataset
+each), every condition continues the same neutral openers (shipped, none of them in the strength
+search's probe) with the same seeds, and is measured by
+
+- **hit rate**: the share of continuations the group's independent classifier
+  (:mod:`saealign.evaluate.topic_classifier`) assigns to the steered topic (chance: 1 / group size);
+- **perplexity ratio**: the judge's (Gemma 3 270M) token-weighted perplexity of the continuations
+  given the opener alone (not the instruction: every condition is read the same way), over the
+  unsteered condition's, per topic, then the geometric mean over topics;
+- **distinct-2** (repetition) over unsteered's, and MiniLM distance to the topic's texts.
+
+A condition is a label, a :class:`GenerationSpec`, and whether the prompt carries an instruction
+naming the topic (prompting, the strongest simple peer). Everything is seeded: one command, one table.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from saealign.evaluate.bench_topics import BenchTopic
+from saealign.evaluate.metrics import continuation_nll, distinct_n, topic_distance
+from saealign.evaluate.topic_classifier import TopicClassifier
+from saealign.models import LoadedModel
+from saealign.reference.scoring import TopicScores
+from saealign.steering.aligner import Aligner
+from saealign.steering.generation import Generation
+from saealign.steering.spec import GenerationSpec
+
+OPENERS = Path(__file__).resolve().parent.parent / "data" / "bench_openers.txt"
+INSTRUCTION = "The following text is about {title}.\n\n"
+
+
+@dataclass(frozen=True)
+class BenchCondition:
+    label: str
+    spec: GenerationSpec
+    prompting: bool = False
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    n_openers: int = 16
+    seeds: tuple[int, ...] = (0, 1)
+    max_new_tokens: int = 48
+    top_k: int = 5
+    batch: int = 64
+
+
+def bench_openers(n: int) -> list[str]:
+    lines = [x.strip() for x in OPENERS.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return lines[:n]
+
+
+def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondition]:
+    """none, prompting, prompting + the default, the paper's methods, the additive ones, and the default."""
+    default = default or GenerationSpec()
+    fixed = [("swap", 1.0), ("swap", 3.0), ("add", 0.2), ("add", 0.3), ("add", 0.4), ("add", 0.6),
+             ("swap_add", 0.3)]
+    out = [BenchCondition("none", GenerationSpec(method="none")),
+           BenchCondition("prompting", GenerationSpec(method="none"), prompting=True),
+           BenchCondition("prompting + default", default, prompting=True),
+           BenchCondition("swap auto (previous default)", GenerationSpec(method="swap", strength="auto"))]
+    out += [BenchCondition(f"{m} {s:g}", GenerationSpec(method=m, strength=s)) for m, s in fixed]
+    out.append(BenchCondition(f"default ({default.method} {default.strength})", default))
+    return out
+
+
+@dataclass
+class Cell:
+    """One condition on one topic (all openers x seeds)."""
+
+    condition: str
+    topic: str
+    group: str
+    hit_rate: float
+    hit_rate_per_seed: list[float]
+    nll: float
+    tokens: int
+    distinct2: float
+    distance: float
+    strength: float
+    samples: list[str] = field(default_factory=list)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
+
+
+def _generate(aligner: Aligner, cond: BenchCondition, topics: list[BenchTopic], scores: list[TopicScores],
+              openers: list[str], cfg: BenchConfig, bar: Any) -> list[list[Generation]]:
+    """Per topic, the generations of every opener x seed (rows of several topics share a batch)."""
+    spec = GenerationSpec(**{**cond.spec.to_json(), "max_new_tokens": cfg.max_new_tokens, "top_k": cfg.top_k})
+    rows = [(t, o, s) for t in range(len(topics)) for s in cfg.seeds for o in range(len(openers))]
+    out: list[list[Generation]] = [[] for _ in topics]
+    for b in range(0, len(rows), cfg.batch):
+        chunk = rows[b:b + cfg.batch]
+        prompts = [(INSTRUCTION.format(title=topics[t].title) if cond.prompting else "") + openers[o]
+                   for t, o, _ in chunk]
+        if spec.method == "none":
+            gens = aligner.generate(prompts, None, spec, seed=[s for _, _, s in chunk])
+        else:
+            used = sorted({t for t, _, _ in chunk})
+            gens = aligner.generate(prompts, [scores[t] for t in used], spec, seed=[s for _, _, s in chunk],
+                                    topic_per_row=[used.index(t) for t, _, _ in chunk])
+        for (t, _, _), g in zip(chunk, gens, strict=True):
+            out[t].append(g)
+        bar.update(len(chunk))
+    return out
+
+
+def run_steer_bench(aligner: Aligner, judge: LoadedModel, topics: list[BenchTopic],
+                    conditions: Sequence[BenchCondition], cfg: BenchConfig | None = None,
+                    classifier: TopicClassifier | None = None,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every condition on every topic; return ``{"cells": [...], "rows": [...], "classifier": {...}, ...}``."""
+    cfg = cfg or BenchConfig()
+    assert aligner.embedder is not None
+    openers = bench_openers(cfg.n_openers)
+    start = time.perf_counter()
+    scores = [aligner.topic(t.align) for t in topics]
+    log(f"scored {len(topics)} topics in {time.perf_counter() - start:.1f} s")
+    classifier = classifier or TopicClassifier(judge, topics)
+    log("classifier accuracy on held-out texts: " +
+        ", ".join(f"{g} {m.accuracy:.2f}" for g, m in classifier.groups.items()))
+    topic_emb = [aligner.embedder.embed(t.align) for t in topics]
+    cells: list[Cell] = []
+    timings: dict[str, float] = {}
+    total = len(conditions) * len(topics) * len(openers) * len(cfg.seeds)
+    bar = tqdm(total=total, desc="steer-bench", unit="gen")
+    for cond in conditions:
+        t0 = time.perf_counter()
+        per_topic = _generate(aligner, cond, topics, scores, openers, cfg, bar)
+        for topic, gens, emb in zip(topics, per_topic, topic_emb, strict=True):
+            texts = [g.text for g in gens]
+            judged = [o for _ in cfg.seeds for o in openers]
+            nll = continuation_nll(judge, judged, texts)
+            predicted = classifier.predict(texts, topic.group)
+            hits = np.array([p == topic.name for p in predicted], dtype=float)
+            per_seed = [float(h.mean()) for h in np.split(hits, len(cfg.seeds))]
+            cells.append(Cell(cond.label, topic.name, topic.group, float(hits.mean()), per_seed,
+                              sum(x for x, _ in nll), sum(c for _, c in nll), distinct_n(texts, 2),
+                              float(topic_distance(aligner.embedder, texts, emb).mean()),
+                              float(np.mean([g.strength for g in gens])), texts[:3]))
+        timings[cond.label] = time.perf_counter() - t0
+    bar.close()
+    rows = summarise(cells, [c.label for c in conditions])
+    auto = {t.name: s.extra.get("auto_strength", {}) for t, s in zip(topics, scores, strict=True)}
+    return {"cells": [c.__dict__ | {"ppl": c.ppl} for c in cells], "rows": rows, "timings_s": timings,
+            "classifier": {g: m.accuracy for g, m in classifier.groups.items()}, "auto_strength": auto,
+            "config": cfg.__dict__, "conditions": [{"label": c.label, "prompting": c.prompting,
+                                                    "spec": c.spec.to_json()} for c in conditions]}
+
+
+def summarise(cells: list[Cell], order: list[str]) -> list[dict[str, Any]]:
+    """One row per condition: mean hit rate (and its spread over seeds), ppl and distinct-2 relative to ``none``."""
+    base = {c.topic: c for c in cells if c.condition == "none"}
+    rows = []
+    for label in order:
+        mine = [c for c in cells if c.condition == label]
+        if not mine:
+            continue
+        ratios = [c.ppl / base[c.topic].ppl for c in mine if c.topic in base]
+        d2 = [c.distinct2 / base[c.topic].distinct2 for c in mine if c.topic in base and base[c.topic].distinct2]
+        seeds = np.array([c.hit_rate_per_seed for c in mine]).mean(axis=0)
+        rows.append({
+            "condition": label,
+            "hit_rate": float(np.mean([c.hit_rate for c in mine])),
+            "hit_rate_seed_std": float(np.std(seeds)),
+            "ppl_ratio": float(np.exp(np.mean(np.log(ratios)))) if ratios else float("nan"),
+            "distinct2_ratio": float(np.mean(d2)) if d2 else float("nan"),
+            "distance": float(np.mean([c.distance for c in mine])),
+            "strength": float(np.mean([c.strength for c in mine])),
+            "topics_hit_at_least_half": int(sum(c.hit_rate >= 0.5 for c in mine)),
+        })
+    return rows
