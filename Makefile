@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saealign-installed
 
-.PHONY: setup demo wordnet test lint typecheck unit bench clean
+.PHONY: setup demo wordnet test lint typecheck imports unit bench clean
 
 setup: $(STAMP)
 
@@ -35,10 +35,14 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
+# The architecture: layers import only downward, no cycles (contracts in pyproject.toml).
+imports: setup
+	$(VENV)/bin/lint-imports
+
 unit: setup
 	$(PY) -m pytest -q
 
-test: lint typecheck unit
+test: lint typecheck imports unit
 
 bench: setup
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
