@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from saealign.cli.common import friendly, load_aligner, read_topic_texts, stack_options
+from saealign.cli.common import (
+    friendly,
+    json_line,
+    load_aligner,
+    read_prompts_file,
+    read_topic_texts,
+    stack_options,
+)
 from saealign.errors import SaealignError
 from saealign.steering.spec import METHODS, MODES, STRENGTH_METHODS, UNSCORED, GenerationSpec
+
+if TYPE_CHECKING:
+    from saealign.reference.scoring import TopicScores
 
 F = TypeVar("F", bound=Callable[..., Any])
 SPEC_OPTIONS = [
@@ -66,16 +75,28 @@ def spec_options(fn: F) -> F:
 @click.option("--metric", default="euclidean", show_default=True, help="euclidean or cosine")
 @click.option("--min-prompts", default=20, show_default=True, help="latents firing on fewer prompts are unscored")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="save the TopicScores folder here")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="save the TopicScores folder here (a new or empty folder, or one saealign wrote)")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path), default=None,
+              help="also write the scores as the paper authors' CSV (latent,score; NaN = unscored)")
 @friendly
 def score_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path | None, corpus_spec: str | None,
               max_prompts: int, topic_files: tuple[str, ...], topic_texts: tuple[str, ...], top: int, examples: int,
-              summary: str, metric: str, min_prompts: int, as_json: bool, output: Path | None) -> None:
+              summary: str, metric: str, min_prompts: int, as_json: bool, output: Path | None,
+              csv_path: Path | None) -> None:
     """Score every SAE latent against a topic (M1) and show the most aligned ones.
 
-    Example: saealign score --topic-file src/saealign/data/topics/medical.txt --top 10
+    Example: saealign score --topic-file src/saealign/data/topics/medical.txt --top 10 --csv medical.csv
     """
+    from saealign.cache import check_replaceable
+    from saealign.reference.authors_csv import check_csv_target, write_authors_csv
+
     texts = read_topic_texts(topic_files, topic_texts)
+    # where the results go is checked before the model loads: a refused path costs nothing
+    if output is not None:
+        check_replaceable(output)
+    if csv_path is not None:
+        check_csv_target(csv_path)
     aligner = load_aligner(model, sae_spec, layer, index_dir, corpus_spec, max_prompts)
     index = aligner.index
     assert index is not None  # the stack always has one
@@ -84,14 +105,16 @@ def score_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path | No
     seconds = time.perf_counter() - start
     if output is not None:
         scores.save(output)
+    if csv_path is not None:
+        write_authors_csv(scores, csv_path)
     rows: list[dict[str, Any]] = [
         {"latent": i, "score": float(scores.scores[i]), "g": float(scores.g[i]), "prompts": int(scores.n_prompts[i]),
          "examples": [t for t, _ in index.top_texts(i, examples)]}
         for i in scores.top(top)
     ]
     if as_json:
-        click.echo(json.dumps({"layer": aligner.layer, "topic_texts": len(texts), "seconds": seconds,
-                               "note": scores.note, "scored": int(scores.scored.sum()), "top": rows}))
+        click.echo(json_line({"layer": aligner.layer, "topic_texts": len(texts), "seconds": seconds,
+                              "note": scores.note, "scored": int(scores.scored.sum()), "top": rows}))
         return
     from rich.console import Console
     from rich.table import Table
@@ -108,6 +131,8 @@ def score_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path | No
         click.echo(f"note: {scores.note}")
     if output is not None:
         click.echo(f"saved scores to {output}")
+    if csv_path is not None:
+        click.echo(f"saved the scores CSV to {csv_path}")
 
 
 @click.command("generate")
@@ -115,7 +140,8 @@ def score_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path | No
 @click.argument("prompts", nargs=-1)
 @click.option("--topic-file", "topic_files", multiple=True, help="topic texts, one a line (txt or jsonl); repeatable")
 @click.option("--topic", "topic_texts", multiple=True, help="a topic text; repeatable")
-@click.option("--scores", "scores_path", type=click.Path(path_type=Path), default=None, help="a TopicScores folder (saealign score -o)")
+@click.option("--scores", "scores_path", type=click.Path(path_type=Path), default=None,
+              help="a TopicScores folder (saealign score -o) or a score CSV (latent,score; NaN = unscored)")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--prompts-file", type=click.Path(path_type=Path), default=None, help="prompts, one a line")
 @click.option("--min-prompts", default=20, show_default=True, help="latents firing on fewer reference prompts are unscored")
@@ -130,31 +156,34 @@ def generate_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path |
 
     Example: saealign generate --topic-file src/saealign/data/topics/medical.txt "My heart is broken, so I should"
     """
-    from saealign.reference.corpus import read_topic
-    from saealign.reference.scoring import TopicScores
+    from saealign.steering.plan import encode_prompt
 
-    prompt_list = list(prompts) + (read_topic([prompts_file]) if prompts_file else [])
+    # Every input is read and checked before the model loads (seconds) and the strength search (minutes).
+    prompt_list = list(prompts) + (read_prompts_file(prompts_file) if prompts_file else [])
     if not prompt_list:
         raise SaealignError("give at least one prompt (arguments or --prompts-file)")
-    aligner = load_aligner(model, sae_spec, layer, index_dir, corpus_spec, max_prompts)
-    topic = None
-    if scores_path is not None:
-        topic = TopicScores.load(scores_path)
-    elif topic_files or topic_texts:
-        topic = aligner.topic(read_topic_texts(topic_files, topic_texts), min_prompts=min_prompts)
-    elif spec.method != "none":
+    texts = read_topic_texts(topic_files, topic_texts) if topic_files or topic_texts else None
+    topic = _read_scores(scores_path, texts, spec) if scores_path is not None else None
+    if topic is None and texts is None and spec.method != "none":
         raise SaealignError(f"--method {spec.method} needs a topic: --topic-file, --topic or --scores")
+    aligner = load_aligner(model, sae_spec, layer, index_dir, corpus_spec, max_prompts)
+    for i, p in enumerate(prompt_list):
+        encode_prompt(aligner.lm, i, p, spec.chat, spec.max_new_tokens)  # too long for the model: say so now
+    if topic is not None:
+        topic.check_compatible(aligner.sae_key, aligner.sae.d_sae)
+    elif texts is not None:
+        topic = aligner.topic(texts, min_prompts=min_prompts)
     if topic is not None and spec.is_auto and spec.method in STRENGTH_METHODS:
         known = len(topic.extra.get("auto_strength", {}))
         click.echo(aligner.auto_strength(topic, spec).describe(), err=True)
-        if scores_path is not None and len(topic.extra["auto_strength"]) > known:
-            topic.save(scores_path)  # keep the search with the scores: the next run reuses it
+        if scores_path is not None and scores_path.is_dir() and len(topic.extra["auto_strength"]) > known:
+            _keep_search(topic, scores_path)
     steered = aligner.generate(prompt_list, topic, spec, seed=seed)
     if as_json:
         for g in steered:
-            click.echo(json.dumps({"prompt": g.prompt, "method": g.method, "mode": g.mode, "strength": g.strength,
-                                   "text": g.text, "contamination": g.contamination,
-                                   "token_contamination": g.token_contamination}))
+            click.echo(json_line({"prompt": g.prompt, "method": g.method, "mode": g.mode, "strength": g.strength,
+                                  "text": g.text, "contamination": g.contamination,
+                                  "token_contamination": g.token_contamination}))
         return
     from rich.console import Console
 
@@ -163,6 +192,35 @@ def generate_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path |
     plain = steered if spec.method == "none" else aligner.generate(prompt_list, topic, replace(spec, method="none"),
                                                                    seed=seed)
     Console().print(side_by_side(plain, steered, f"layer {aligner.layer}: unsteered vs {spec.method} ({spec.mode})"))
+
+
+def _read_scores(path: Path, texts: list[str] | None, spec: GenerationSpec) -> TopicScores:
+    """``--scores``: a TopicScores folder, or a score CSV (its topic texts, for the auto search, from --topic)."""
+    from saealign.reference.authors_csv import read_authors_csv
+    from saealign.reference.scoring import TopicScores
+
+    if not path.is_file():
+        return TopicScores.load(path)
+    topic = read_authors_csv(path)
+    if texts:
+        topic.topic_texts = texts
+    elif spec.is_auto and spec.method in STRENGTH_METHODS:
+        raise SaealignError(f"--scores {path} holds scores only, and --strength auto measures distance to the topic "
+                            "texts: give --strength NUMBER, or the texts with --topic-file/--topic")
+    return topic
+
+
+def _keep_search(topic: TopicScores, folder: Path) -> None:
+    """Save the strength search with the scores so the next run reuses it; a folder holding other files is
+    left as it is (saved scores are never worth a user's file)."""
+    from saealign.cache import foreign_files
+
+    foreign = foreign_files(folder)
+    if foreign:
+        click.echo(f"note: the strength search was not saved into {folder}: it holds files saealign did not write "
+                   f"({', '.join(foreign[:3])})", err=True)
+        return
+    topic.save(folder)
 
 
 @click.command("demo")

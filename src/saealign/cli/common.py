@@ -107,6 +107,50 @@ def read_topic_texts(topic_files: tuple[str, ...], topic_texts: tuple[str, ...])
     return read_topic(list(topic_files), list(topic_texts))
 
 
+def read_prompts_file(path: Path) -> list[str]:
+    """``--prompts-file``: one prompt a line, blank lines skipped, duplicates kept (each line is one generation)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SaealignError(f"prompts file {path} not found: give a text file with one prompt a line") from None
+    except OSError as e:
+        raise SaealignError(f"cannot read prompts file {path}: {e.strerror or e}") from None
+    prompts = []
+    for number, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise SaealignError(f"prompts file {path} line {number} is not UTF-8: save the file as UTF-8") from None
+        if line:
+            prompts.append(line)
+    if not prompts:
+        raise SaealignError(f"prompts file {path} has no prompts: put one prompt a line")
+    return prompts
+
+
+def json_line(obj: Any) -> str:
+    """Standard JSON on one line: NaN and infinities (which ``json.dumps`` would print as the non-standard
+    ``NaN``/``Infinity``) become null."""
+    import json
+    import math
+    import numbers
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, bool) or x is None or isinstance(x, str):
+            return x
+        if isinstance(x, numbers.Integral):  # numpy integers too
+            return int(x)
+        if isinstance(x, numbers.Real):
+            return float(x) if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), allow_nan=False)
+
+
 # -- the evaluation's shared data and workbench --------------------------------------------------------
 data_option = click.option("--data", type=click.Path(path_type=Path), default=None,
                            help="shared data folder (default ../shared/data)")

@@ -38,15 +38,23 @@ def write_authors_csv(scores: TopicScores, path: str | Path) -> Path:
     Replaces only a file that is itself a score CSV (its first line is ``latent,score``): any other
     file at ``path`` is the user's and is refused with one line.
     """
-    path = Path(path)
-    if path.is_file() and not _is_our_export(path):
-        raise SaealignError(f"{path} exists and is not a score CSV saealign wrote: give a new file name or move it away")
+    path = check_csv_target(path)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(HEADER)
     for i, (value, scored) in enumerate(zip(scores.scores, scores.scored, strict=True)):
         writer.writerow((i, str(np.float32(value)) if scored else "NaN"))
     atomic_write_bytes(path, buf.getvalue().encode())
+    return path
+
+
+def check_csv_target(path: str | Path) -> Path:
+    """Raise one line unless :func:`write_authors_csv` may write ``path`` (call it before long work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise SaealignError(f"{path} is a folder, not a file: give a file path for the score CSV")
+    if path.exists() and not _is_our_export(path):
+        raise SaealignError(f"{path} exists and is not a score CSV saealign wrote: give a new file name or move it away")
     return path
 
 
