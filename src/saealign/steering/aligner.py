@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from saealign.errors import SaealignError
-from saealign.models import LoadedModel, layer_module
+from saealign.models import LoadedModel, layer_module, special_token_ids
 from saealign.reference.embed import TextEmbedder
 from saealign.reference.index import ReferenceIndex
 from saealign.reference.scoring import TopicScores
@@ -72,6 +72,8 @@ class Aligner:
         """How ``strength="auto"`` searches (see :mod:`saealign.steering.strength`); replace to change the budget."""
         self._probes: dict[str, NeutralProbe] = {}
         self._basis: SteeringBasis | None = None
+        self.special_ids = special_token_ids(lm.tokenizer)
+        """Token ids whose positions are never edited (see :func:`saealign.steering.decoding.decode_steps`)."""
         self.sae_key = sae_key(sae)
         if index is not None and (index.keys.sae != self.sae_key or index.keys.layer % lm.n_layers != self.layer):
             raise SaealignError(
@@ -224,7 +226,7 @@ class Aligner:
         pad = pad if pad is not None else (min(eos) if eos else 0)
         detok = [Detokenizer(tok) for _ in plan.rows]
         steps = decode_steps(self.lm.model, plan.rows, Sampling.of(plan.spec), plan.generators, pad, eos, plan.hook,
-                             self.block, plan.spec.steer_prompt)
+                             self.block, plan.spec.steer_prompt, self.special_ids)
         for step in steps:
             for row in step.active.nonzero().flatten().tolist():
                 token = int(step.token_ids[row])

@@ -168,13 +168,16 @@ def decode_steps(
     hook: SteeringHook | None = None,
     layer: nn.Module | None = None,
     steer_prompt: bool = True,
+    unedited_ids: set[int] | None = None,
 ) -> Iterator[Step]:
     """Generate from the token-id ``rows`` (one prompt each), yielding one :class:`Step` per new token.
 
     ``hook`` (attached to ``layer`` around each forward call) steers every position; generated token
     j is predicted at the position before it, so the step reports the contamination recorded there:
     the last prompt position for j = 0, generated position j − 1 afterwards. Stops when every row is
-    finished; finished rows are fed the pad id, which only they see.
+    finished; finished rows are fed the pad id, which only they see. Positions holding one of
+    ``unedited_ids`` (the tokenizer's special tokens: chat markers, a fed-back end of turn) pass through
+    unedited, as the SAE's training data and the reference index leave them out.
     """
     if hook is not None and layer is None:
         raise SaealignError("decode_steps needs the layer module to attach the steering hook to")
@@ -189,6 +192,17 @@ def decode_steps(
     if not steer_prompt:  # only the positions that predict new tokens: the last prompt position, then generated ones
         keep = torch.ones_like(mask, dtype=torch.bool)
         keep[:, -1] = False  # left padding: every row's last prompt token sits in the last column
+    specials = torch.tensor(sorted(unedited_ids or ()), dtype=torch.long, device=device)
+
+    def with_specials(keep_now: Tensor | None, fed: Tensor) -> Tensor | None:
+        if not len(specials):
+            return keep_now
+        special = torch.isin(fed, specials)
+        if keep_now is None:
+            return special if bool(special.any()) else None
+        return keep_now | special
+
+    keep = with_specials(keep, ids)
     feed, pos = ids, positions(mask)
     for step in range(sampling.max_new_tokens):
         logits, contamination, n_changed = _forward(
@@ -205,6 +219,7 @@ def decode_steps(
         if bool(done.all()):
             return
         feed = tokens.unsqueeze(1).to(device)
+        keep = with_specials(None, feed)
         mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
         pos = positions(mask)[:, -1:]
 
