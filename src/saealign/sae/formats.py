@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import socket
 import threading
@@ -30,6 +29,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from saealign.errors import SaealignError
+from saealign.hub import hub_offline
 from saealign.sae.autoencoder import CFG_FILE, SAE, WEIGHTS_FILE, SAEConfig
 from saealign.sae.presets import SAEPreset, find_preset, hub_needed
 
@@ -353,10 +353,6 @@ def _import_sae_lens(what: str) -> Any:
     return sae_lens
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _is_network_error(e: BaseException) -> bool:
     seen: BaseException | None = e
     for _ in range(10):  # walk the cause chain; requests/urllib3 wrap the socket error
@@ -399,7 +395,7 @@ def _cache_only_when_unreachable() -> Iterator[None]:
     """
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or (not _hub_offline() and _hub_resolves()):
+    if constants.HF_HUB_OFFLINE or (not hub_offline() and _hub_resolves()):
         yield
         return
     constants.HF_HUB_OFFLINE = True
@@ -419,8 +415,8 @@ def load_saelens_release(
         with _cache_only_when_unreachable():
             got = sae_lens.SAE.from_pretrained(release, sae_id, device="cpu")
     except Exception as e:
-        if _hub_offline() or _is_network_error(e):
-            why = "HF_HUB_OFFLINE is set" if _hub_offline() else "the Hugging Face hub is unreachable"
+        if hub_offline() or _is_network_error(e):
+            why = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hugging Face hub is unreachable"
             raise SaealignError(
                 f"cannot fetch sae-lens release {name}: {why}; download it where the hub is reachable and "
                 "pass the SAE folder's path"
