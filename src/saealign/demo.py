@@ -7,23 +7,20 @@ On a fresh machine it converts the default model once, builds the default refere
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from saealign.defaults import TOPICS_DIR, shared_data_dir
+from saealign.defaults import PACKAGE_DATA, TOPICS_DIR, shared_data_dir
 from saealign.reference.corpus import read_topic
 from saealign.steering.aligner import Aligner, Generation
 from saealign.steering.spec import GenerationSpec
 
-PACKAGE_PROMPTS = Path(__file__).parent / "data" / "neutral_prompts.txt"
+PACKAGE_PROMPTS = PACKAGE_DATA / "neutral_prompts.txt"
 N_TOPIC_TEXTS = 50
 
 
@@ -32,8 +29,7 @@ def demo_topic(seed: int = 0) -> tuple[list[str], str]:
     shared = shared_data_dir()
     medquad = shared / "topics" / "medical_medquad.jsonl.gz" if shared else None
     if medquad is not None and medquad.exists():
-        with gzip.open(medquad, "rt", encoding="utf-8") as f:
-            texts = [json.loads(line)["text"] for line in f if line.strip()]
+        texts = read_topic([medquad])
         n = min(N_TOPIC_TEXTS, len(texts))
         return random.Random(seed).sample(texts, n), f"{n} texts of {medquad.name}"
     path = TOPICS_DIR / "medical.txt"

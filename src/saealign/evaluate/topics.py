@@ -20,9 +20,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from saealign.defaults import PACKAGE_DATA
 from saealign.errors import SaealignError
-
-PACKAGE_DATA = Path(__file__).resolve().parent.parent / "data"
 
 
 @dataclass(frozen=True)
