@@ -17,6 +17,7 @@ lacks. The additive methods add ``strength × ρ × v`` to the residual stream a
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ class SteeringBasis:
 
     def to_json(self) -> dict[str, Any]:
         return {"version": BASIS_VERSION, "key": self.key, "residual_norm": self.residual_norm,
-                "output_scores": [round(float(v), 6) for v in self.output_scores]}
+                "output_scores": [float(v) for v in self.output_scores]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], key: str, d_sae: int) -> SteeringBasis:
@@ -150,13 +151,15 @@ def measure_basis(lm: LoadedModel, sae: SAE, layer: int, prompts: Sequence[str],
         hidden = hidden + add["v"].to(hidden.dtype).unsqueeze(1)
         return hidden if isinstance(output, Tensor) else (hidden, *output[1:])
 
+    # transformers 5 renamed ``past_key_values`` to ``cache``; 4.x only knows the old name
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     bar = tqdm(total=len(encoded) * dirs.shape[0], desc="output scores", unit="latent", disable=not progress)
     for ids in encoded:
         prefix = torch.tensor([ids[:-1]], device=device)
         cache_out = model(input_ids=prefix, use_cache=True)
         base_cache = cache_out.past_key_values
         last = torch.tensor([[ids[-1]]], device=device)
-        base = torch.softmax(model(input_ids=last, past_key_values=copy.deepcopy(base_cache)).logits[0, -1].float(), -1)
+        base = torch.softmax(model(input_ids=last, **{cache_name: copy.deepcopy(base_cache)}).logits[0, -1].float(), -1)
         for start in range(0, dirs.shape[0], chunk):
             stop = min(start + chunk, dirs.shape[0])
             n = stop - start
@@ -165,7 +168,7 @@ def measure_basis(lm: LoadedModel, sae: SAE, layer: int, prompts: Sequence[str],
             add["v"] = dirs[start:stop] * (scale * rho)
             handle = block.register_forward_hook(hook, prepend=True)
             try:
-                logits = model(input_ids=last.expand(n, 1), past_key_values=cache).logits[:, -1].float()
+                logits = model(input_ids=last.expand(n, 1), **{cache_name: cache}).logits[:, -1].float()
             finally:
                 handle.remove()
             probs = torch.softmax(logits, dim=-1)
