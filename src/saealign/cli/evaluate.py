@@ -23,6 +23,7 @@ from saealign.cli.common import (
     workbench,
 )
 from saealign.cli.eval_paper import COMMANDS, write
+from saealign.cli.steer_bench import steer_bench_cmd
 from saealign.errors import SaealignError
 from saealign.evaluate.generation import BASELINES, TextOptions
 from saealign.evaluate.report import write_table
@@ -34,7 +35,7 @@ def eval_group() -> None:
     """Reproduce the paper's experiments on the embedded defaults (or any model/SAE)."""
 
 
-for _command in COMMANDS:
+for _command in (*COMMANDS, steer_bench_cmd):
     eval_group.add_command(_command)
 
 

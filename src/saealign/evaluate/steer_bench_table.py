@@ -1,0 +1,80 @@
+"""The steering benchmark as a :class:`~saealign.evaluate.report.Table`: summary, per-topic hit rates, frontier PNG."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from saealign.evaluate.bench_topics import load_bench_topics
+from saealign.evaluate.report import Table, scatter_plot
+from saealign.evaluate.steer_bench import BenchCondition, BenchConfig, default_conditions, run_steer_bench
+from saealign.evaluate.workbench import Workbench
+from saealign.steering.spec import GenerationSpec
+
+SUMMARY_COLUMNS = ["condition", "hit_rate", "ppl_ratio", "distinct2_ratio", "distance", "strength",
+                   "topics_hit_at_least_half"]
+
+
+@dataclass(frozen=True)
+class SteerBenchOptions:
+    layer: int = 15
+    judge: str = "gemma3-270m"
+    groups: tuple[str, ...] | None = None
+    n_align: int = 30
+    n_heldout: int = 150
+    config: BenchConfig = BenchConfig()
+    default: GenerationSpec = GenerationSpec()
+    conditions: tuple[BenchCondition, ...] | None = None
+    """None: :func:`default_conditions` of ``default``."""
+
+
+def quick_options(layer: int = 15, judge: str = "gemma3-270m", default: GenerationSpec | None = None) -> SteerBenchOptions:
+    """Minutes instead of an hour: one group, 4 openers, one seed, 16 tokens, the main rows only."""
+    default = default or GenerationSpec()
+    conditions = tuple(c for c in default_conditions(default)
+                       if c.label in ("none", "prompting", "prompting + default") or c.label.startswith("default"))
+    return SteerBenchOptions(layer, judge, ("clinc",), 30, 40, BenchConfig(4, (0,), 16, 5, 64), default, conditions)
+
+
+def per_topic_rows(cells: list[dict[str, Any]], conditions: list[str]) -> list[dict[str, Any]]:
+    """One row per topic, one column of hit rates per condition."""
+    topics = list(dict.fromkeys(c["topic"] for c in cells))
+    out = []
+    for t in topics:
+        row: dict[str, Any] = {"topic": t, "group": next(c["group"] for c in cells if c["topic"] == t)}
+        for label in conditions:
+            hit = [c["hit_rate"] for c in cells if c["topic"] == t and c["condition"] == label]
+            row[label] = hit[0] if hit else float("nan")
+        out.append(row)
+    return out
+
+
+def steer_bench_table(bench: Workbench, opts: SteerBenchOptions) -> Table:
+    topics = load_bench_topics(bench.data, opts.n_align, opts.n_heldout, groups=opts.groups)
+    conditions = list(opts.conditions or default_conditions(opts.default))
+    result = run_steer_bench(bench.aligner(opts.layer), bench.model(opts.judge), topics, conditions, opts.config)
+    labels = [c.label for c in conditions]
+    per_topic = per_topic_rows(result["cells"], labels)
+    base = next((r["hit_rate"] for r in result["rows"] if r["condition"] == "none"), float("nan"))
+    prompting = next((r["hit_rate"] for r in result["rows"] if r["condition"] == "prompting"), float("nan"))
+    cfg = opts.config
+    note = (f"{len(topics)} topics ({', '.join(sorted({t.group for t in topics}))}), {opts.n_align} alignment texts each; "
+            f"{cfg.n_openers} neutral openers x {len(cfg.seeds)} seeds x {cfg.max_new_tokens} tokens, top-{cfg.top_k} "
+            f"sampling; layer {opts.layer}. hit_rate: share classified as the steered topic within its group by "
+            f"an independent classifier on {opts.judge} features (held-out accuracy "
+            + ", ".join(f"{g} {a:.2f}" for g, a in result["classifier"].items())
+            + f"); ppl_ratio: {opts.judge} perplexity of the continuation given the opener, over unsteered "
+            f"(geometric mean over topics); distinct2_ratio: distinct bigrams over unsteered. Unsteered hit rate "
+            f"{base:.3f}, prompting {prompting:.3f}.")
+    summary = [{k: r[k] for k in SUMMARY_COLUMNS} | {"hit_rate_std": r["hit_rate_seed_std"]} for r in result["rows"]]
+
+    def frontier(path: Path) -> object:
+        return scatter_plot(path, summary, "ppl_ratio", "hit_rate", "condition",
+                            "Topic hit rate vs judge perplexity (ratio to unsteered)", hline=prompting,
+                            hline_label="prompting")
+
+    return Table("steer_bench", "Steering benchmark: topic hit rate vs fluency", per_topic,
+                 ["topic", "group", *labels], note=note, before=[(summary, SUMMARY_COLUMNS)],
+                 extra={k: v for k, v in result.items() if k != "rows"} | {"summary": summary},
+                 plots={"steer_bench_frontier.png": frontier})
