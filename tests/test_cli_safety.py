@@ -219,3 +219,12 @@ def test_too_long_a_generation_is_refused_before_the_strength_search(files: File
     monkeypatch.setattr(Aligner, "auto_strength", no_search)
     one_error(run("generate", *stack(files), "the cat", "--topic-file", files.topic, "--max-new-tokens", 500),
               "max_new_tokens is 500", "context of 128 tokens")
+
+
+def test_gpt2_preset_offline_says_a_hub_is_needed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: set it too
+    one_error(run("generate", "--sae", "gpt2-small-oai-v5-32k:9", "--method", "none", "the cat"),
+              "SAE preset gpt2-small-oai-v5-32k:9", "needs the Hugging Face hub", "autoencoders/9.pt")

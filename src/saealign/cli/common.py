@@ -79,7 +79,8 @@ def stack_options(fn: F) -> F:
 
     options = [
         click.option("--model", default="default", show_default=True, help="default, gemma3-270m, folder, .gguf or hub id"),
-        click.option("--sae", "sae_spec", default="default", show_default=True, help="default[:LAYER], SAELens folder, params.npz, .pt"),
+        click.option("--sae", "sae_spec", default="default", show_default=True, help="default[:LAYER], SAELens folder, params.npz, .pt, or a preset "
+                     "(gpt2-small-oai-v5-32k:LAYER, with its model; needs the hub)"),
         click.option("--layer", type=int, default=None, help="block the SAE reads (default: the SAE's own, else 15)"),
         click.option("--index", "index_dir", type=click.Path(path_type=Path), default=None, help="an existing index folder"),
         click.option("--corpus", "corpus_spec", default=None, help="reference corpus spec (default: WordNet sample)"),
@@ -92,11 +93,26 @@ def stack_options(fn: F) -> F:
 
 def load_aligner(model: str, sae_spec: str, layer: int | None, index_dir: Path | None, corpus_spec: str | None,
                  max_prompts: int) -> Aligner:
-    """The stack the options name: model, SAE at its layer, reference index (built once, cached) and embedder."""
+    """The stack the options name: model, SAE at its layer, reference index (built once, cached) and embedder.
+
+    An SAE preset (``--sae gpt2-small-oai-v5-32k:9``) brings its model when ``--model`` is left at default,
+    and any failure to fetch them says that the preset needs the hub.
+    """
     from saealign.defaults import load_stack
+    from saealign.sae.presets import find_preset, hub_needed
     from saealign.steering.aligner import Aligner
 
-    return Aligner(*load_stack(model, sae_spec, layer, index_dir, corpus_spec, max_prompts))
+    preset = find_preset(sae_spec)
+    if preset is None:
+        return Aligner(*load_stack(model, sae_spec, layer, index_dir, corpus_spec, max_prompts))
+    if model == "default":
+        model = preset[0].model
+    try:
+        return Aligner(*load_stack(model, sae_spec, layer, index_dir, corpus_spec, max_prompts))
+    except SaealignError as e:
+        if "hub" in str(e) or "connect" in str(e):
+            raise hub_needed(*preset, why="it cannot be reached from here") from e
+        raise
 
 
 def read_topic_texts(topic_files: tuple[str, ...], topic_texts: tuple[str, ...]) -> list[str]:

@@ -79,5 +79,6 @@ def hub_needed(preset: SAEPreset, layer: int, why: str) -> SaealignError:
     return SaealignError(
         f"SAE preset {preset.name}:{layer} ({preset.model} + sae-lens release {preset.release}) needs the "
         f"Hugging Face hub, and {why}: run it once where the hub is reachable (it is cached), or download "
-        f"{preset.offline_file.format(layer=layer)} and pass its path as the SAE"
+        f"{preset.offline_file.format(layer=layer)} and pass its path as the SAE, with a local copy of "
+        f"{preset.model} as the model"
     )
