@@ -187,3 +187,19 @@ def test_strengths_outside_the_methods_range_are_refused() -> None:
             parse_strength(bad, method)
     with pytest.raises(SaealignError, match="between 0 and 2"):
         Spec("add", strength=2.5)
+
+
+def test_squared_distances_weigh_eq1_as_the_authors_code() -> None:
+    import scipy.sparse as sp
+
+    from saealign.reference.scoring import score_topic
+
+    rng = np.random.default_rng(0)
+    summary = sp.csr_matrix(rng.random((40, 6)) * (rng.random((40, 6)) > 0.3))
+    d = rng.random(40) + 0.5
+    squared = score_topic(summary, d, min_prompts=1, distance_power=2)
+    by_hand = score_topic(summary, d * d, min_prompts=1)
+    assert np.array_equal(squared.scores, by_hand.scores) and squared.extra == {"distance_power": 2}
+    assert score_topic(summary, d, min_prompts=1).extra == {}
+    with pytest.raises(SaealignError, match="distance_power"):
+        score_topic(summary, d, min_prompts=1, distance_power=3)

@@ -353,12 +353,18 @@ def score_topic(
     metric: str = "euclidean",
     index_key: str = "",
     sae_key: str = "",
+    distance_power: int = 1,
 ) -> TopicScores:
     """:func:`latent_g` then :func:`scores_from_g`, packaged as :class:`TopicScores`.
 
     ``summary [P, L]`` (or prepared), ``distances [P]``; the keyword fields are recorded as given.
+    ``distance_power=2`` weighs squared distances in eq. 1, as the paper's released code does (the printed
+    equation uses ``d``; METHOD.md keeps 1 as the default); it is recorded in ``extra``.
     """
-    g, _, n_prompts = latent_g(summary, distances)
+    if distance_power not in (1, 2):
+        raise SaealignError(f"distance_power must be 1 (the printed eq. 1) or 2 (the authors' code), got {distance_power}")
+    d = np.asarray(distances, dtype=np.float64)
+    g, _, n_prompts = latent_g(summary, d * d if distance_power == 2 else d)
     scores, scored, note = scores_from_g(g, n_prompts, min_prompts)
     return TopicScores(
         scores=scores,
@@ -372,6 +378,7 @@ def score_topic(
         index_key=index_key,
         sae_key=sae_key,
         note=note,
+        extra={"distance_power": 2} if distance_power == 2 else {},
     )
 
 
