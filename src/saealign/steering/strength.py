@@ -37,7 +37,7 @@ from saealign.cache import hash_json
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
 from saealign.reference.embed import min_distances
-from saealign.steering.spec import STRENGTH_METHODS, GenerationSpec
+from saealign.steering.spec import STRENGTH_METHODS, STRENGTH_RANGE, GenerationSpec
 
 if TYPE_CHECKING:
     from saealign.reference.scoring import TopicScores
@@ -84,7 +84,11 @@ class AutoStrengthConfig:
     def candidates(self, method: str) -> tuple[float, ...]:
         if method not in STRENGTH_METHODS:
             raise SaealignError(f"strength='auto' needs a method that reads a strength ({', '.join(STRENGTH_METHODS)})")
-        return tuple(sorted(set(self.strengths or CANDIDATES[method])))
+        low, high = STRENGTH_RANGE[method]
+        chosen = tuple(sorted({s for s in (self.strengths or CANDIDATES[method]) if low < s <= high}))
+        if not chosen:
+            raise SaealignError(f"no candidate strength lies in {method}'s range ({low:g}, {high:g}]: {self.strengths}")
+        return chosen
 
     def key(self) -> str:
         return hash_json(asdict(self))[:12]

@@ -1,0 +1,118 @@
+"""The steering benchmark on tiny models: its table, its exact identities, its CLI and its bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import saealign.cli.app as cli
+from conftest import TinyLoader, build_tiny_index, make_sae, make_texts
+from saealign.evaluate.bench_topics import BenchTopic, load_bench_topics
+from saealign.evaluate.steer_bench import BenchCondition, BenchConfig, run_steer_bench
+from saealign.evaluate.topic_classifier import TopicClassifier
+from saealign.models import LoadedModel
+from saealign.reference.embed import HashingEmbedder
+from saealign.sae.autoencoder import SAE
+from saealign.steering.aligner import Aligner
+from saealign.steering.spec import GenerationSpec as Spec
+from saealign.steering.strength import AutoStrengthConfig
+
+DOMAINS = {  # CLINC150 domains of the benchmark, in the tiny tokenizer's words
+    "banking": ("sun", "moon", "star", "sky", "light", "shines"),
+    "travel": ("water", "river", "rain", "snow", "cold", "falls"),
+    "kitchen_and_dining": ("house", "tree", "green", "big", "old", "grows"),
+    "auto_and_commute": ("cat", "dog", "bird", "fish", "runs", "swims"),
+}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_clinc(root: Path, per_topic: int = 80) -> Path:
+    rng = random.Random(0)
+    rows = []
+    for domain, words in DOMAINS.items():
+        seen: set[str] = set()
+        while len(seen) < per_topic:
+            seen.add(" ".join(rng.choice(words) for _ in range(rng.randint(5, 10))))
+        rows += [{"text": t, "label": f"{domain}/intent"} for t in sorted(seen)]
+    path = root / "reference" / "clinc150.jsonl.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sae() -> SAE:
+    return make_sae()
+
+
+@pytest.fixture(scope="module")
+def index(tiny_lm: LoadedModel, sae: SAE, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    texts = make_texts(48, seed=5, min_words=6, max_words=14)
+    return build_tiny_index(tiny_lm, sae, tmp_path_factory.mktemp("bench-index"), texts, ["x"] * 48, shard_size=16)
+
+
+@pytest.fixture(scope="module")
+def topics(tmp_path_factory: pytest.TempPathFactory) -> list[BenchTopic]:
+    return load_bench_topics(write_clinc(tmp_path_factory.mktemp("data")), 30, 40, groups=("clinc",))
+
+
+def test_topics_are_disjoint_seeded_splits(topics: list[BenchTopic]) -> None:
+    assert [t.name for t in topics] == ["banking", "travel", "cooking", "cars"]
+    for t in topics:
+        assert len(t.align) == 30 and len(t.heldout) == 40 and not set(t.align) & set(t.heldout)
+
+
+def test_bench_identities_on_a_tiny_stack(tiny_lm: LoadedModel, sae: SAE, index, topics: list[BenchTopic],  # noqa: ANN001
+                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAEALIGN_CACHE", str(tmp_path))
+    aligner = Aligner(tiny_lm, sae, 0, index, HashingEmbedder())
+    classifier = TopicClassifier(tiny_lm, topics)
+    assert set(classifier.groups) == {"clinc"} and 0 <= classifier.groups["clinc"].accuracy <= 1
+    conditions = [BenchCondition("none", Spec("none")), BenchCondition("add 0", Spec("add", strength=0)),
+                  BenchCondition("prompting", Spec("none"), prompting=True),
+                  BenchCondition("add 1", Spec("add", strength=1))]
+    cfg = BenchConfig(n_openers=3, seeds=(0, 1), max_new_tokens=6, batch=7)
+    result = run_steer_bench(aligner, tiny_lm, topics, conditions, cfg, classifier, log=lambda _: None)
+    rows = {r["condition"]: r for r in result["rows"]}
+    assert list(rows) == ["none", "add 0", "prompting", "add 1"]
+    assert rows["none"]["ppl_ratio"] == 1.0 and rows["none"]["distinct2_ratio"] == 1.0
+    # strength 0 adds nothing: the very same texts, hence the same hit rate and perplexity
+    none_cells = [c for c in result["cells"] if c["condition"] == "none"]
+    zero_cells = [c for c in result["cells"] if c["condition"] == "add 0"]
+    assert [c["samples"] for c in zero_cells] == [c["samples"] for c in none_cells]
+    assert rows["add 0"]["hit_rate"] == rows["none"]["hit_rate"] and rows["add 0"]["ppl_ratio"] == pytest.approx(1.0)
+    for c in result["cells"]:
+        assert 0 <= c["hit_rate"] <= 1 and len(c["hit_rate_per_seed"]) == 2 and c["tokens"] > 0
+    assert rows["add 1"]["strength"] == 1.0
+
+
+def test_cli_quick_writes_tables_and_the_frontier(tiny_lm: LoadedModel, sae: SAE, index, tmp_path: Path,  # noqa: ANN001
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAEALIGN_CACHE", str(tmp_path / "cache"))
+    data, out = write_clinc(tmp_path / "data"), tmp_path / "out"
+    loader = TinyLoader(tiny_lm, sae, index, AutoStrengthConfig(n_prompts=2, max_new_tokens=4))
+    result = CliRunner().invoke(cli.main, ["eval", "steer-bench", "--quick", "--layer", "0", "--data", str(data),
+                                           "--out", str(out)], obj=loader)
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    saved = json.loads((out / "steer_bench.json").read_text())
+    labels = [r["condition"] for r in saved["summary"]]
+    assert labels[:3] == ["none", "prompting", "prompting + default"] and labels[-1].startswith("default")
+    assert [r["topic"] for r in saved["rows"]] == ["banking", "travel", "cooking", "cars"]
+    assert (out / "steer_bench_frontier.png").read_bytes()[:8] == PNG_MAGIC
+    assert "| condition | hit_rate |" in (out / "steer_bench.md").read_text()
+
+
+def test_bad_input_is_one_line(tmp_path: Path) -> None:
+    for args, needle in ((["--groups", "wordnet"], "unknown --groups"), (["--openers", "40"], "--openers")):
+        result = CliRunner().invoke(cli.main, ["eval", "steer-bench", *args, "--data", str(tmp_path)])
+        assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+        lines = [x for x in result.output.strip().splitlines() if x.strip()]
+        assert len(lines) == 1 and needle in lines[0], result.output
+    with pytest.raises(Exception, match="not found"):
+        load_bench_topics(tmp_path, groups=("clinc",))
