@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from conftest import LiveServer, make_aligner
-from saealign.serve.app import ServerLimits, create_app
+from saealign.serve.app import ServerGuard, ServerLimits, create_app
 
 schemathesis = pytest.importorskip("schemathesis")
 
@@ -26,6 +26,9 @@ EXAMPLES = 100
 """Generated requests per operation and mode (positive/negative)."""
 # Small limits keep each generation short: the fuzzer explores the API, not the model's speed.
 LIMITS = ServerLimits(max_new_tokens=6, max_prompts=3, max_topic_texts=8, max_streams=2, batch_window_s=0.0)
+# No rate limit (the fuzzer is one client sending ~25 requests a second: 429s would hide the routes), small
+# token budgets; searches wait (the default).
+GUARD = ServerGuard(rate_per_minute=0, max_request_tokens=256, max_batch_tokens=512)
 CASES: Counter[str] = Counter()
 """Requests sent, by status class, for the closing report."""
 
@@ -36,7 +39,7 @@ def fuzz_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAEALIGN_CACHE", str(folder / "cache"))
         aligner = make_aligner(folder / "index", "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}")
-    with LiveServer(create_app(aligner, LIMITS)) as url:
+    with LiveServer(create_app(aligner, LIMITS, GUARD)) as url:
         yield url
 
 

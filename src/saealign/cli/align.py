@@ -240,17 +240,51 @@ def demo_cmd(layer: int | None, max_new_tokens: int, seed: int) -> None:
 
 @click.command("serve")
 @stack_options
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; any other than loopback needs --api-key (or --no-auth)")
 @click.option("--port", default=8000, show_default=True)
 @click.option("--max-new-tokens", "max_new_tokens_limit", default=256, show_default=True, help="per-request limit")
+@click.option("--api-key", envvar="SAEALIGN_API_KEY", default=None,
+              help="require this key (Authorization: Bearer KEY, as OpenAI clients send it); env SAEALIGN_API_KEY")
+@click.option("--no-auth", is_flag=True, help="serve beyond loopback without a key (anyone who can reach it may use it)")
+@click.option("--rate-limit", default=300.0, show_default=True, help="requests per client per minute (0: no limit)")
+@click.option("--rate-burst", default=60, show_default=True, help="requests a client may send at once")
+@click.option("--max-request-tokens", default=4096, show_default=True,
+              help="token budget of one request: rows x (longest prompt + new tokens)")
+@click.option("--max-batch-tokens", default=8192, show_default=True, help="token budget of one batched model call")
+@click.option("--auto-strength", type=click.Choice(["wait", "fallback", "off"]), default="wait", show_default=True,
+              help="a request for a topic whose strength search runs: waits, is served at the fallback "
+                   "strength (swap/weight 1, add 0.3), or auto is refused (no search)")
+@click.option("--max-searches", default=4, show_default=True, help="strength searches running or queued at once")
 @friendly
 def serve_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path | None, corpus_spec: str | None,
-              max_prompts: int, host: str, port: int, max_new_tokens_limit: int) -> None:
+              max_prompts: int, host: str, port: int, max_new_tokens_limit: int, api_key: str | None, no_auth: bool,
+              rate_limit: float, rate_burst: int, max_request_tokens: int, max_batch_tokens: int,
+              auto_strength: str, max_searches: int) -> None:
     """Serve aligned generation over HTTP (JSON API, OpenAI-compatible routes, and a page at /).
 
     Example: saealign serve --port 8000   # then open http://127.0.0.1:8000/
     """
     from saealign.serve.app import ServerLimits, serve
+    from saealign.serve.limits import ServerGuard
 
+    if api_key is None and not no_auth and not _is_loopback(host):
+        raise SaealignError(f"--host {host} serves beyond this machine: give --api-key KEY (or SAEALIGN_API_KEY), "
+                            "or --no-auth to serve without one")
+    guard = ServerGuard(api_key=api_key or None, rate_per_minute=rate_limit, rate_burst=rate_burst,
+                        max_request_tokens=max_request_tokens, max_batch_tokens=max_batch_tokens,
+                        auto_strength=auto_strength, max_searches=max_searches)  # checked before the model loads
+    limits = ServerLimits(max_new_tokens=max_new_tokens_limit)
     aligner = load_aligner(model, sae_spec, layer, index_dir, corpus_spec, max_prompts)
-    serve(aligner, host=host, port=port, limits=ServerLimits(max_new_tokens=max_new_tokens_limit))
+    serve(aligner, host=host, port=port, limits=limits, guard=guard)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -41,6 +41,8 @@ class GenerateJob:
     topic_id: str | None
     spec: GenerationSpec
     """Shared by every row of a batch (``auto`` strength is resolved per topic, so rows may differ)."""
+    row_tokens: int = 0
+    """Token slots each row needs (longest prompt + max_new_tokens; 0 = not counted): bounds a batch's size."""
     future: asyncio.Future[BatchResult] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
@@ -94,9 +96,11 @@ class ModelWorker:
     """Owns the :class:`Aligner`; every model call goes through its single thread."""
 
     def __init__(self, aligner: Aligner, max_batch_rows: int = 32, max_streams: int = 4,
-                 batch_window_s: float = 0.0, stream_buffer: int = 16) -> None:
+                 batch_window_s: float = 0.0, stream_buffer: int = 16, max_batch_tokens: int | None = None) -> None:
         self.aligner = aligner
         self.max_batch_rows = max_batch_rows
+        self.max_batch_tokens = max_batch_tokens
+        """Token slots of one call (rows x widest row; padded rows all grow to it): bounds its memory."""
         self.max_streams = max_streams
         self.batch_window_s = batch_window_s
         self.stream_buffer = stream_buffer
@@ -183,11 +187,15 @@ class ModelWorker:
         key = self.pending[0].key
         chosen: list[GenerateJob] = []
         rest: deque[GenerateJob] = deque()
-        rows = 0
+        rows = width = 0
         for job in self.pending:
-            if job.key == key and (not chosen or rows + len(job.prompts) <= self.max_batch_rows):
+            fits = rows + len(job.prompts) <= self.max_batch_rows and (
+                self.max_batch_tokens is None
+                or (rows + len(job.prompts)) * max(width, job.row_tokens) <= self.max_batch_tokens)
+            if job.key == key and (not chosen or fits):
                 chosen.append(job)
                 rows += len(job.prompts)
+                width = max(width, job.row_tokens)
             else:
                 rest.append(job)
         self.pending = rest

@@ -52,7 +52,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         worker = state.worker.snapshot() if state.worker else {}
         return {"status": "ok", "model": state.model_name, "layer": aligner.layer, "sae": aligner.sae_key,
                 "d_sae": aligner.sae.d_sae, "index": aligner.index is not None, "topics": len(state.topics.topics),
-                **worker, "limits": asdict(state.limits), "methods": list(METHODS), "modes": list(MODES)}
+                **worker, "limits": asdict(state.limits) | state.guard.public(), "searches": len(state.searches.running),
+                "methods": list(METHODS), "modes": list(MODES)}
 
     @app.get("/v1/examples", tags=["topics"])
     async def examples() -> dict[str, Any]:

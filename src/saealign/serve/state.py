@@ -19,7 +19,9 @@ from fastapi import Request
 from saealign.cache import hash_json
 from saealign.reference.scoring import TopicScores
 from saealign.serve.batching import BatchResult, GenerateJob, ModelWorker, StreamFailed, StreamJob
+from saealign.serve.limits import ServerGuard, TokenBudget
 from saealign.serve.schemas import ApiError, ServerLimits
+from saealign.serve.searches import StrengthSearches
 from saealign.steering.aligner import Aligner, Generation, TokenEvent
 from saealign.steering.spec import GenerationSpec
 
@@ -76,8 +78,10 @@ class TopicStore:
 class ServerState:
     """What the routes share: the aligner, the limits, the topics and the model worker."""
 
-    def __init__(self, aligner: Aligner, limits: ServerLimits) -> None:
-        self.aligner, self.limits = aligner, limits
+    def __init__(self, aligner: Aligner, limits: ServerLimits, guard: ServerGuard | None = None) -> None:
+        self.aligner, self.limits, self.guard = aligner, limits, guard or ServerGuard()
+        self.searches = StrengthSearches(aligner, self.guard)  # before the topics: it locks the shared embedder
+        self.budget = TokenBudget(aligner.lm, self.guard.max_request_tokens)
         self.topics = TopicStore(aligner, limits)
         self.worker: ModelWorker | None = None
 
@@ -133,10 +137,15 @@ class ServerState:
     async def generate(self, prompts: list[str], seeds: list[int], topic_id: str | None, topic: TopicScores | None,
                        spec: GenerationSpec) -> BatchResult:
         assert self.worker is not None
-        return await self.worker.generate(GenerateJob(prompts, seeds, topic, topic_id, spec))
+        cost = self.budget.check(prompts, spec)  # over the budget: 413 before any work
+        spec = await self.searches.resolve(topic, spec)  # the worker never runs a strength search
+        return await self.worker.generate(GenerateJob(prompts, seeds, topic, topic_id, spec,
+                                                      row_tokens=cost // len(prompts)))
 
     async def open_stream(self, prompt: str, seed: int, topic: TopicScores | None, spec: GenerationSpec) -> StreamJob:
         assert self.worker is not None
+        self.budget.check([prompt], spec)
+        spec = await self.searches.resolve(topic, spec)
         job = StreamJob(prompt, seed, topic, spec)
         await self.worker.open_stream(job)
         return job

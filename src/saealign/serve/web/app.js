@@ -6,11 +6,30 @@ const $ = (id) => document.getElementById(id);
 let topic = null; // {id, texts}: the last scored topic and the text it was scored from
 let running = null; // AbortController of the generation in progress
 
+// A server started with --api-key answers 401 without it: ask once, keep it for this tab, send it as
+// OpenAI clients do (Authorization: Bearer KEY).
+function withKey(init) {
+  const key = sessionStorage.getItem("saealign-key");
+  return key ? {...init, headers: {...(init.headers || {}), Authorization: `Bearer ${key}`}} : init;
+}
+
+async function send(path, init) {
+  let response = await fetch(path, withKey(init));
+  if (response.status === 401) {
+    const key = window.prompt("This server needs an API key:");
+    if (key && key.trim()) {
+      sessionStorage.setItem("saealign-key", key.trim());
+      response = await fetch(path, withKey(init));
+    }
+  }
+  return response;
+}
+
 async function api(path, body) {
   const init = body === undefined ? {} : {
     method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
   };
-  const response = await fetch(path, init);
+  const response = await send(path, init);
   if (!response.ok) throw new Error(await errorText(response));
   return response.json();
 }
@@ -164,7 +183,7 @@ async function streamInto(outputId, summaryId, request, signal) {
   const output = $(outputId);
   output.replaceChildren();
   say(summaryId, "");
-  const response = await fetch("/v1/generate", {
+  const response = await send("/v1/generate", {
     method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(request), signal,
   });
   if (!response.ok) throw new Error(await errorText(response));
