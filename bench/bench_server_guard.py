@@ -10,7 +10,8 @@ Starts ``saealign serve`` (the default model and SAE, an index of ``--index-prom
 2. **during a search**: sends one ``strength=auto`` request for a NEW topic B (its search starts) and,
    while it runs, keeps timing requests for A; reports their latencies and B's own;
 3. **worst request**: one request at the server's per-request token budget (``--worst-rows`` rows of
-   the longest prompt the budget allows); reports the server's peak RSS before and after it.
+   the longest prompt the budget allows); reports the idle server's RSS and its peak during the request
+   (RSS of the server process and its children, sampled every 20 ms).
 
 Prints one JSON object. Exit status 1 when a request failed.
 """
@@ -136,6 +137,8 @@ def main() -> None:
             words = max(16, ((budget // max(1, args.worst_rows)) - new - 8) if budget else 3000)
             long_prompt = " ".join(["the"] * words)
             out["peak_rss_before_worst_mb"] = round(rss.reset() / 2**20)
+            time.sleep(0.1)
+            out["rss_idle_before_worst_mb"] = round(rss.peak / 2**20)  # sampled since the reset: the idle server
             worst = {"prompts": [long_prompt] * args.worst_rows, "max_new_tokens": new, "method": "none",
                      "greedy": True}
             out["worst_request"] = {"rows": args.worst_rows, "prompt_words": words, "max_new_tokens": new,

@@ -4,6 +4,7 @@ model thread (known topics keep flowing while a new topic's search runs)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -216,3 +217,13 @@ def test_serve_beyond_loopback_needs_a_key(tmp_path: Path, monkeypatch: pytest.M
     assert result.exit_code != 0 and "--api-key" in result.output and "no model" not in result.output
     result = CliRunner().invoke(main, ["serve", "--auto-strength", "sometimes"])
     assert result.exit_code != 0 and "sometimes" in result.output
+
+
+# -- absurd strengths (issue 14, item 4) ------------------------------------------------------------------------
+@pytest.mark.parametrize("strength", [1e308, -1.0, 9.0, "1e308", "Infinity"])
+def test_absurd_strengths_are_refused(aligner: Aligner, strength: object) -> None:
+    with serve(aligner) as url:
+        r = generate(url, TOPIC_A, strength=strength)
+        assert r.status_code in (400, 422), r.text
+        assert "strength" in r.json()["error"]
+        json.loads(r.text, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))  # never Infinity/NaN
