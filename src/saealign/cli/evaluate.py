@@ -25,7 +25,7 @@ from saealign.cli.common import (
 from saealign.cli.eval_paper import COMMANDS, write
 from saealign.cli.steer_bench import steer_bench_cmd
 from saealign.errors import SaealignError
-from saealign.evaluate.generation import BASELINES, TextOptions
+from saealign.evaluate.generation import BASELINES, PAPER_METHODS, TextOptions
 from saealign.evaluate.report import write_table
 from saealign.steering.spec import METHODS, MODES
 
@@ -72,7 +72,7 @@ def text_options(judge: str, seeds: str, max_new_tokens: int, n_topic: int, n_he
 
 @eval_group.command("generation")
 @click.option("--layers", default="6,15", show_default=True)
-@click.option("--methods", default="none,sae,clamp,swap,weight", show_default=True)
+@click.option("--methods", default=",".join(PAPER_METHODS), show_default=True)
 @click.option("--modes", default="error,replace", show_default=True)
 @click.option("--seeds", default="0,1,2", show_default=True)
 @click.option("--strengths", default="1", show_default=True, help="Swap/Weight strengths: numbers or auto")

@@ -25,13 +25,15 @@ from saealign.steering.aligner import Aligner
 from saealign.steering.spec import STRENGTH_METHODS, GenerationSpec
 
 BASELINES = ("prompt", "lora", "full")
+PAPER_METHODS = ("none", "sae", "clamp", "swap", "weight")
+"""The methods of the paper's Table 2 (the additive ones are measured by ``eval steer-bench``)."""
 
 
 @dataclass(frozen=True)
 class GenerationSetup:
     """What to generate and how."""
 
-    methods: tuple[str, ...] = ("none", "sae", "clamp", "swap", "weight")
+    methods: tuple[str, ...] = PAPER_METHODS
     modes: tuple[str, ...] = ("error", "replace")
     seeds: tuple[int, ...] = (0, 1, 2)
     strengths: tuple[float | str, ...] = (1.0,)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from saealign.evaluate.cost import cost_table
 from saealign.evaluate.frontier import frontier_table
-from saealign.evaluate.generation import TextOptions, generation_table
+from saealign.evaluate.generation import PAPER_METHODS, TextOptions, generation_table
 from saealign.evaluate.report import Table
 from saealign.evaluate.tables import (
     ablation_table,
@@ -48,7 +48,7 @@ def sections(quick: bool, layers: Sequence[int], judge: str) -> dict[str, Callab
         "topk": partial(topk_table, layers=layers, topic="medical", n_topic=50, n_heldout=20 if q else 100),
         "layer": partial(layer_table, layers=layers, topic="medical", mode="error", n_texts=10 if q else 50),
         "ablation": partial(ablation_table, layer=deepest, topic="medical"),
-        "generation": partial(generation_table, layers=layers, methods=("none", "sae", "clamp", "swap", "weight"),
+        "generation": partial(generation_table, layers=layers, methods=PAPER_METHODS,
                               modes=("error",) if q else ("error", "replace"), strengths=(1.0, "auto"),
                               baselines=("prompt", "lora") if q else ("prompt", "lora", "full"), opts=text),
         "frontier": partial(frontier_table, layer=deepest,
