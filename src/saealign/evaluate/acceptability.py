@@ -9,7 +9,6 @@ a balanced logistic regression on the standardised features does the rest. Train
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 from saealign.cache import atomic_dir, cache_dir, hash_file, hash_json
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel, content_mask, special_token_ids
+from saealign.reference.corpus import jsonl_rows
 
 SPLITS = {"train": "cola_train.jsonl.gz", "dev_in": "cola_dev_in.jsonl.gz", "dev_out": "cola_dev_out.jsonl.gz"}
 FEATURE_VERSION = 1
@@ -44,15 +44,11 @@ def read_cola(folder: Path) -> dict[str, tuple[list[str], np.ndarray]]:
         if not path.exists():
             raise SaealignError(f"{path} is missing: the CoLA folder must hold {needed}")
         texts, labels = [], []
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if not isinstance(row.get("text"), str) or row.get("label") not in (0, 1):
-                    raise SaealignError(f"{path} line {n}: need a string `text` and `label` 0 or 1")
-                texts.append(row["text"])
-                labels.append(int(row["label"]))
+        for where, row in jsonl_rows(path):
+            if not isinstance(row.get("text"), str) or row.get("label") not in (0, 1):
+                raise SaealignError(f"{where}: need a string `text` and `label` 0 or 1")
+            texts.append(row["text"])
+            labels.append(int(row["label"]))
         if not texts or (split == "train" and len(set(labels)) < 2):
             raise SaealignError(f"{path} needs rows of both labels (0 and 1) to train a classifier")
         out[split] = (texts, np.asarray(labels, dtype=np.int64))

@@ -14,14 +14,13 @@ experiments) is ``topics/unaligned_awesome_prompts.jsonl.gz``.
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from saealign.defaults import PACKAGE_DATA
 from saealign.errors import SaealignError
+from saealign.reference.corpus import jsonl_rows
 
 
 @dataclass(frozen=True)
@@ -58,29 +57,15 @@ def _lines(path: Path) -> list[str]:
 
 def read_jsonl_texts(path: Path) -> list[str]:
     """Texts of a shared-data JSONL file; sycophancy A/B items get their sycophantic answer appended."""
-    try:
-        return _read_jsonl_texts(path)
-    except (OSError, EOFError, UnicodeDecodeError) as e:  # not gzip, truncated, not UTF-8
-        raise SaealignError(f"{path} is not a readable gzipped JSONL file ({e}): restore it from the shared data") from None
-
-
-def _read_jsonl_texts(path: Path) -> list[str]:
     out = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise SaealignError(f"{path} line {n}: need a JSON object with a string `text`")
-            text = row["text"]
-            if row.get("answer_matching_behavior"):
-                text = f"{text}\nAnswer: {row['answer_matching_behavior']}"
-            if text.strip():
-                out.append(text)
+    for where, row in jsonl_rows(path):
+        text = row.get("text")
+        if not isinstance(text, str):
+            raise SaealignError(f"{where}: need a JSON object with a string `text`")
+        if row.get("answer_matching_behavior"):
+            text = f"{text}\nAnswer: {row['answer_matching_behavior']}"
+        if text.strip():
+            out.append(text)
     return out
 
 

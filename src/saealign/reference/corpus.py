@@ -212,7 +212,7 @@ def _read_file(path: Path, text_field: str, label_field: str, source_field: str,
         return Corpus(texts, [stem] * len(texts), [stem] * len(texts), str(path))
     rows: Iterable[tuple[str, dict[str, Any]]]
     if kind == ".jsonl":
-        rows = (_json_row(path, n, line) for n, line in _lines(path) if line.strip())
+        rows = jsonl_rows(path)
     elif kind == ".csv":
         rows = _csv_rows(path)
     elif kind == ".parquet":
@@ -220,6 +220,12 @@ def _read_file(path: Path, text_field: str, label_field: str, source_field: str,
     else:
         raise SaealignError(f"{path} is not a corpus file: use {', '.join(FILE_SUFFIXES)} (or .gz of the text ones)")
     return _from_rows(rows, str(path), stem, text_field, label_field, source_field, examples)
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, row)`` of each JSON object of a ``.jsonl(.gz)`` file (blank lines skipped); ``where`` names the
+    line for error messages. Strict UTF-8 and one clear line for anything that is not a JSON object."""
+    return (_json_row(path, n, line) for n, line in _lines(path) if line.strip())
 
 
 def _json_row(path: Path, number: int, line: str) -> tuple[str, dict[str, Any]]:
