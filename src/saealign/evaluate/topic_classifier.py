@@ -36,8 +36,9 @@ def text_features(lm: LoadedModel, texts: Sequence[str], max_tokens: int = 64, b
         for i, r in enumerate(ids):
             input_ids[i, :len(r)] = torch.tensor(r)
             mask[i, :len(r)] = 1
-        hidden = lm.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                          output_hidden_states=True).hidden_states[layer + 1].float().cpu()
+        # logits_to_keep=1: the LM head over Gemma's 262k-token vocabulary would dwarf the rest of the pass
+        hidden = lm.model(input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                          logits_to_keep=1).hidden_states[layer + 1].float().cpu()
         keep = mask.bool()
         keep[:, 0] = False  # the first position (BOS) carries no content and a huge norm
         keep |= mask.bool() & (keep.sum(1, keepdim=True) == 0)  # a one-token text keeps its token
