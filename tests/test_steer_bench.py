@@ -72,7 +72,7 @@ def test_bench_identities_on_a_tiny_stack(tiny_lm: LoadedModel, sae: SAE, index,
                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SAEALIGN_CACHE", str(tmp_path))
     aligner = Aligner(tiny_lm, sae, 0, index, HashingEmbedder())
-    classifier = TopicClassifier(tiny_lm, topics)
+    classifier = TopicClassifier(tiny_lm, topics)  # a model as the feature source (the default is the embedder)
     assert set(classifier.groups) == {"clinc"} and 0 <= classifier.groups["clinc"].accuracy <= 1
     conditions = [BenchCondition("none", Spec("none")), BenchCondition("add 0", Spec("add", strength=0)),
                   BenchCondition("prompting", Spec("none"), prompting=True),

@@ -4,8 +4,8 @@ For every topic of :mod:`saealign.evaluate.bench_topics` (12 by default, in grou
 each), every condition continues the same neutral openers (shipped, none of them in the strength
 search's probe) with the same seeds, and is measured by
 
-- **hit rate**: the share of continuations the group's independent classifier
-  (:mod:`saealign.evaluate.topic_classifier`) assigns to the steered topic (chance: 1 / group size);
+- **hit rate**: the share of continuations the group's classifier (:mod:`saealign.evaluate.topic_classifier`,
+  trained on held-out texts that steering never sees) assigns to the steered topic (chance: 1 / group size);
 - **perplexity ratio**: the judge's (Gemma 3 270M) token-weighted perplexity of the continuations
   given the opener alone (not the instruction: every condition is read the same way), over the
   unsteered condition's, per topic, then the geometric mean over topics;
@@ -129,7 +129,7 @@ def run_steer_bench(aligner: Aligner, judge: LoadedModel, topics: list[BenchTopi
     start = time.perf_counter()
     scores = [aligner.topic(t.align) for t in topics]
     log(f"scored {len(topics)} topics in {time.perf_counter() - start:.1f} s")
-    classifier = classifier or TopicClassifier(judge, topics)
+    classifier = classifier or TopicClassifier(aligner.embedder, topics)
     log("classifier accuracy on held-out texts: " +
         ", ".join(f"{g} {m.accuracy:.2f}" for g, m in classifier.groups.items()))
     topic_emb = [aligner.embedder.embed(t.align) for t in topics]

@@ -1,9 +1,11 @@
 """The benchmark's independent topic classifier: which topic of its group a text is about.
 
-Features are the judge model's mean-pooled hidden states (Gemma 3 270M by default, a model that plays no
-part in steering, unlike the MiniLM embedder that scores latents), fed to a logistic regression per group,
-trained on the topics' held-out texts. Its accuracy on a held-out fifth of those texts is reported with
-every benchmark, so a hit rate can be read against what the classifier can tell apart at all.
+Features come from a sentence embedder (the aligner's MiniLM by default: 10x cheaper on a CPU than the judge's
+hidden states) or from a language model's mean-pooled hidden states (:func:`text_features`, e.g. the judge), fed
+to a logistic regression per group, trained on the topics' held-out texts, which steering never sees (M1 scores
+latents by distance to the *alignment* texts; the classifier is a separate model fitted on other texts). Its
+accuracy on a held-out fifth of those texts is reported with every benchmark, so a hit rate can be read against
+what the classifier can tell apart at all.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from saealign.errors import SaealignError
 from saealign.evaluate.bench_topics import BenchTopic
 from saealign.models import LoadedModel
+from saealign.reference.embed import TextEmbedder
 
 
 @torch.inference_mode()
@@ -56,12 +59,12 @@ class GroupModel:
 
 
 class TopicClassifier:
-    """One logistic regression per group over :func:`text_features`."""
+    """One logistic regression per group over the features of ``source``: a :class:`TextEmbedder` or a model."""
 
-    def __init__(self, lm: LoadedModel, topics: Sequence[BenchTopic], seed: int = 0) -> None:
+    def __init__(self, source: TextEmbedder | LoadedModel, topics: Sequence[BenchTopic], seed: int = 0) -> None:
         from sklearn.linear_model import LogisticRegression
 
-        self.lm = lm
+        self.source = source
         self.groups: dict[str, GroupModel] = {}
         by_group: dict[str, list[BenchTopic]] = {}
         for t in topics:
@@ -71,7 +74,7 @@ class TopicClassifier:
                 raise SaealignError(f"group {group} has {len(members)} topic: a classifier needs at least 2")
             texts = [x for t in members for x in t.heldout]
             labels = np.array([i for i, t in enumerate(members) for _ in t.heldout])
-            feats = text_features(lm, texts)
+            feats = self.features(texts)
             order = np.random.default_rng(seed).permutation(len(texts))
             test = np.zeros(len(texts), dtype=bool)
             test[order[: len(texts) // 5]] = True
@@ -80,8 +83,13 @@ class TopicClassifier:
             final = LogisticRegression(max_iter=2000, C=10.0).fit(feats, labels)
             self.groups[group] = GroupModel([t.name for t in members], final, accuracy)
 
+    def features(self, texts: Sequence[str]) -> np.ndarray:
+        if isinstance(self.source, LoadedModel):
+            return text_features(self.source, texts)
+        return np.asarray(self.source.embed([t if t.strip() else "." for t in texts]), dtype=np.float32)
+
     def predict(self, texts: Sequence[str], group: str) -> list[str]:
         """The topic name each text is classified as, among its group's topics."""
         model = self.groups[group]
-        picks = model.model.predict(text_features(self.lm, texts))  # type: ignore[attr-defined]
+        picks = model.model.predict(self.features(texts))  # type: ignore[attr-defined]
         return [model.names[int(i)] for i in picks]
