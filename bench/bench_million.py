@@ -35,27 +35,29 @@ TOPIC = [f"The patient with condition {i} was treated with medication and monito
 def measured_sparsity() -> tuple[np.ndarray, np.ndarray, int, int]:
     """Entries per prompt (all prompts) and latent frequencies of the shipped default index, its d_sae and width."""
     from saealign.defaults import SHIPPED_INDEX
+    from saealign.reference.codec import check_codes
     from saealign.reference.index import ReferenceIndex
 
     index = ReferenceIndex.load(SHIPPED_INDEX)
-    per_prompt = np.concatenate([np.diff(s.indptr) for s in index.shards])
-    freq = np.bincount(np.concatenate([s.indices for s in index.shards]), minlength=index.d_sae).astype(np.float64)
+    per_prompt = np.concatenate([check_codes(s.packed, s.code_ptr, index.d_sae)[0] for s in index.shards])
+    freq = index.latent_n_prompts.astype(np.float64)
     return per_prompt, freq / freq.sum(), index.d_sae, int(index.manifest["dim"])
 
 
 def generate(folder: Path, n_prompts: int, shard_size: int, seed: int = 0) -> None:
     """Write a synthetic index of ``n_prompts`` with the default SAE's measured sparsity to ``folder``."""
+    from saealign.reference.codec import encode
     from saealign.reference.corpus import Corpus
-    from saealign.reference.index import IndexConfig, IndexKeys, finish, prepare_folder
-    from saealign.reference.manifest import shard_name, write_manifest
+    from saealign.reference.embed import Embedder
+    from saealign.reference.index import IndexConfig, IndexKeys, add_record, finish, prepare_folder
+    from saealign.reference.manifest import shard_name
     from saealign.reference.shards import Shard, write_shard
     from saealign.reference.statistics import quantize_embeddings
 
     per_prompt, freq, d_sae, dim = measured_sparsity()
     rng = np.random.default_rng(seed)
-    corpus = Corpus([f"synthetic prompt {i}" for i in range(n_prompts)], ["synthetic"] * n_prompts, [], "synthetic")
-    from saealign.reference.embed import Embedder
-
+    corpus = Corpus([f"synthetic prompt {i}" for i in range(n_prompts)], ["synthetic"] * n_prompts,
+                    [""] * n_prompts, "synthetic")
     keys = IndexKeys(model="synthetic", sae="synthetic", layer=15, corpus=corpus.fingerprint(),
                      embedder=Embedder.default().fingerprint)  # scored with the real MiniLM
     cfg = IndexConfig(layer=15, shard_size=shard_size)
@@ -63,24 +65,25 @@ def generate(folder: Path, n_prompts: int, shard_size: int, seed: int = 0) -> No
     cdf = np.cumsum(freq)
     for s in range(manifest["n_shards"]):
         n = min(shard_size, n_prompts - s * shard_size)
-        counts = rng.choice(per_prompt, size=n)
-        rows = np.repeat(np.arange(n), counts)
+        want = rng.choice(per_prompt, size=n)
+        # draws with replacement collide (frequent latents more): draw 12 % more, keep each row's first `want`
+        rows = np.repeat(np.arange(n), (want * 1.12).astype(np.int64) + 1)
         cols = np.minimum(np.searchsorted(cdf, rng.random(len(rows))), d_sae - 1)
-        key = np.unique(rows.astype(np.int64) * d_sae + cols)  # sorted, one entry per (prompt, latent)
-        rows, cols = key // d_sae, (key % d_sae).astype(np.int32)
-        weights = rng.gamma(0.5, size=len(rows)).astype(np.float64) + 1e-6
-        weights /= np.bincount(rows, weights=weights, minlength=n)[rows] * 1.6  # kept entries hold ~60% of the mass
+        key, first = np.unique(rows.astype(np.int64) * d_sae + cols, return_index=True)
+        key = key[np.argsort(first, kind="stable")]  # back in draw order, to keep a random subset per row
+        rank = np.arange(len(key)) - np.searchsorted(key // d_sae, key // d_sae)
+        key = np.sort(key[rank < want[key // d_sae]])
+        rows, cols = key // d_sae, key % d_sae
+        weights = 2.0 ** rng.uniform(-9, -4, size=len(rows))  # ~4 octaves within a prompt, as measured
+        indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=n))]
+        packed, code_ptr, lo, step = encode(indptr, cols, weights)
         emb, inv = quantize_embeddings(rng.standard_normal((n, dim)).astype(np.float32))
-        shard = Shard(indptr=np.r_[0, np.cumsum(np.bincount(rows, minlength=n))].astype(np.int32), indices=cols,
-                      weights=weights.astype(np.float32), maxes=(weights * 9).astype(np.float16),
-                      totals=np.full(n, 40.0, np.float32), n_tokens=np.full(n, 14, np.int32), embeddings=emb,
-                      inv_norms=inv, latent_prompts=np.bincount(cols, minlength=d_sae).astype(np.int32),
+        shard = Shard(packed=packed, code_ptr=code_ptr, lo=lo, step=step, totals=np.full(n, 40.0, np.float32),
+                      n_tokens=np.full(n, 14, np.int32), embeddings=emb, inv_norms=inv,
+                      latent_prompts=np.bincount(cols, minlength=d_sae).astype(np.int32),
                       latent_max=np.full(d_sae, 9.0, np.float32),
-                      latent_total=np.bincount(cols, weights=weights * 40, minlength=d_sae),
-                      latent_mass=np.bincount(cols, weights=weights, minlength=d_sae))
-        record = write_shard(folder, shard_name(s), shard, s * shard_size)
-        manifest["shards"][str(s)] = record.__dict__
-        write_manifest(folder, manifest)
+                      latent_total=np.bincount(cols, weights=weights * 40, minlength=d_sae).astype(np.float32))
+        add_record(folder, manifest, s, write_shard(folder, shard_name(s), shard, s * shard_size, len(rows)), {})
         print(f"shard {s + 1}/{manifest['n_shards']}: {n} prompts, {len(rows) / n:.1f} entries a prompt", flush=True)
     finish(folder, manifest)
 
@@ -121,7 +124,7 @@ def main() -> int:
         d = index.distances(emb)
         parts.append((t_embed - start, time.perf_counter() - t_embed))
     median = statistics.median(times[1:])
-    nnz = sum(s.nnz for s in index.shards)
+    nnz = sum(r["nnz"] for r in index.manifest["shards"].values())
     disk = sum(p.stat().st_size for p in args.dir.rglob("*") if p.is_file())
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"index: {index.n_prompts:,} prompts in {len(index.shards)} shards, {nnz / index.n_prompts:.1f} entries a "

@@ -10,13 +10,11 @@ run of 12-bit codes, two codes in three bytes. A code is ``gap << 6 | level``:
 
 So the sparsity pattern is exact and each value is kept to within ±3 % (half a level of a ~4-octave
 range): the measured effect on scores is in docs/scaling.md. Scoring never unpacks the codes into
-arrays: :func:`accumulate` walks them (numba, one thread per core) and adds ``x[p] * w`` to each
+arrays: :func:`accumulate` walks them (numba; the shards run on threads) and adds ``x[p] * w`` to each
 latent, which is ``summary.T @ x``, at ~1.5 bytes an entry in memory as on disk.
 """
 
 from __future__ import annotations
-
-import os
 
 import numba
 import numpy as np
@@ -101,47 +99,46 @@ def _step(acc, table, code, latent):
     return latent
 
 
-@numba.njit(parallel=True, cache=True)
-def _accumulate(packed, code_ptr, lo, step, x, binary, n_latents, n_threads):
-    n = len(code_ptr) - 1
-    out = np.zeros((n_threads, n_latents))
-    per = (n + n_threads - 1) // n_threads
-    for t in numba.prange(n_threads):
-        acc = out[t]
-        table = np.empty(LEVELS + 1)
-        for p in range(t * per, min(n, (t + 1) * per)):
-            xp = x[p]
-            if xp == 0.0:
-                continue
-            if binary:
-                for j in range(LEVELS + 1):
-                    table[j] = xp
-            else:  # table[level] = x[p] * w(level): one multiply a level, none an entry
-                table[0] = xp * 2.0 ** lo[p]
-                ratio = 2.0 ** step[p]
-                for j in range(1, LEVELS + 1):
-                    table[j] = table[j - 1] * ratio
-            latent = -1
-            i, end = code_ptr[p], code_ptr[p + 1]
-            if i < end and i & 1:  # a row may start on the second code of a byte triple
-                latent = _step(acc, table, _code(packed, i), latent)
-                i += 1
-            while i + 1 < end:  # then whole triples: two codes from three bytes
-                base = (i >> 1) * 3
-                b1 = np.int64(packed[base + 1])
-                latent = _step(acc, table, np.int64(packed[base]) | ((b1 & 0x0F) << 8), latent)
-                latent = _step(acc, table, (b1 >> 4) | (np.int64(packed[base + 2]) << 4), latent)
-                i += 2
-            if i < end:
-                latent = _step(acc, table, _code(packed, i), latent)
-    return out.sum(axis=0)
+@numba.njit(nogil=True, cache=True)
+def _accumulate(packed, code_ptr, lo, step, x, binary, n_latents):
+    acc = np.zeros(n_latents)
+    table = np.empty(LEVELS + 1)
+    for p in range(len(code_ptr) - 1):
+        xp = x[p]
+        if xp == 0.0:
+            continue
+        if binary:
+            for j in range(LEVELS + 1):
+                table[j] = xp
+        else:  # table[level] = x[p] * w(level): one multiply a level, none an entry
+            table[0] = xp * 2.0 ** lo[p]
+            ratio = 2.0 ** step[p]
+            for j in range(1, LEVELS + 1):
+                table[j] = table[j - 1] * ratio
+        latent = -1
+        i, end = code_ptr[p], code_ptr[p + 1]
+        if i < end and i & 1:  # a row may start on the second code of a byte triple
+            latent = _step(acc, table, _code(packed, i), latent)
+            i += 1
+        while i + 1 < end:  # then whole triples: two codes from three bytes
+            base = (i >> 1) * 3
+            b1 = np.int64(packed[base + 1])
+            latent = _step(acc, table, np.int64(packed[base]) | ((b1 & 0x0F) << 8), latent)
+            latent = _step(acc, table, (b1 >> 4) | (np.int64(packed[base + 2]) << 4), latent)
+            i += 2
+        if i < end:
+            latent = _step(acc, table, _code(packed, i), latent)
+    return acc
 
 
 def accumulate(packed: np.ndarray, code_ptr: np.ndarray, lo: np.ndarray, step: np.ndarray, x: np.ndarray,
                n_latents: int, binary: bool = False) -> np.ndarray:
-    """``summary.T @ x``: ``[L]`` float64 with ``summary[p, i] = w`` (or 1 where ``binary``), ``x`` ``[n]``."""
-    threads = max(1, min(numba.get_num_threads(), os.cpu_count() or 1, len(code_ptr) - 1))
-    return _accumulate(packed, code_ptr, lo, step, np.asarray(x, dtype=np.float64), binary, n_latents, threads)
+    """``summary.T @ x``: ``[L]`` float64 with ``summary[p, i] = w`` (or 1 where ``binary``), ``x`` ``[n]``.
+
+    Releases the GIL, so callers run shards on threads (:class:`~saealign.reference.sharded.CodedColumns`):
+    no numba threading layer, hence safe to call from several threads at once (the server does).
+    """
+    return _accumulate(packed, code_ptr, lo, step, np.asarray(x, dtype=np.float64), binary, n_latents)
 
 
 @numba.njit(cache=True)

@@ -7,8 +7,10 @@ million-prompt index is scored without being copied into memory (bench/bench_mil
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -50,53 +52,57 @@ class CodedColumns:
         x = np.asarray(x, dtype=np.float64)
         if x.shape != (self.shape[1],):
             raise SaealignError(f"a vector of {x.shape} cannot multiply a summary of {self.shape[1]} prompts")
-        out = np.zeros(self.shape[0], dtype=np.float64)
-        for s, lo, hi in zip(self.shards, self.offsets[:-1], self.offsets[1:], strict=True):
+
+        def one(k: int) -> np.ndarray:
+            s, lo, hi = self.shards[k], self.offsets[k], self.offsets[k + 1]
             factor = self._row_factor(s)
             part = x[lo:hi] if factor is None else x[lo:hi] * factor
-            out += accumulate(s.packed, s.code_ptr, s.lo, s.step, part, self.shape[0], binary=self.kind == "binary")
-        return out
+            return accumulate(s.packed, s.code_ptr, s.lo, s.step, part, self.shape[0], binary=self.kind == "binary")
+
+        workers = max(1, min(len(self.shards), os.cpu_count() or 1))
+        if workers == 1:
+            parts = [one(k) for k in range(len(self.shards))]
+        else:  # the kernel releases the GIL: one shard a core
+            with ThreadPoolExecutor(workers) as pool:
+                parts = list(pool.map(one, range(len(self.shards))))
+        return np.sum(parts, axis=0) if parts else np.zeros(self.shape[0])
 
 
-def topic_split(topic: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-    """Unit topic rows ``[A, D]`` as two int8 parts, ``t ≈ hi * s_hi + lo * s_lo``.
+def topic_split(topic: np.ndarray) -> tuple[torch.Tensor, float]:
+    """Unit topic rows ``[A, D]`` as int8 ``hi`` and ``lo`` parts with ``t ≈ (256 * hi + lo) * s / 256``.
 
-    With the int8 reference rows this gives exact int32 dot products, and the two parts together
-    carry ~14 bits of each topic coordinate (cosine error ~1e-5, measured in tests/test_sharded.py).
-    Returns the ``[D, 2A padded to 8]`` int8 matrix and the ``[2A]`` scales.
+    One scale ``s`` for all rows, and ``lo`` at exactly 1/256 of it, so a prompt's best cosine is found
+    in int32 (``256 * hi . q + lo . q``) before any float is made: ~15 bits of each topic coordinate
+    (with the int8 reference rows, cosines to ~1e-3, measured in docs/scaling.md).
+    Returns the ``[D, 2A padded to 8]`` int8 matrix and ``s``.
     """
     t = np.asarray(topic, dtype=np.float64)
-    s_hi = np.abs(t).max(axis=1) / 127.0
-    s_hi[s_hi == 0] = 1.0
-    hi = np.rint(t / s_hi[:, None])
-    rest = t - hi * s_hi[:, None]
-    s_lo = np.abs(rest).max(axis=1) / 127.0
-    s_lo[s_lo == 0] = 1.0
-    lo = np.rint(rest / s_lo[:, None])
+    scale = float(np.abs(t).max()) / 127.0 or 1.0
+    hi = np.rint(t / scale)
+    lo = np.clip(np.rint((t - hi * scale) / scale * 256.0), -127, 127)
     parts = np.concatenate([hi, lo]).astype(np.int8)  # [2A, D]
     width = -(-parts.shape[0] // 8) * 8  # the int8 kernel wants a multiple of 8 columns
     padded = np.zeros((width, parts.shape[1]), dtype=np.int8)
     padded[: parts.shape[0]] = parts
-    return torch.from_numpy(np.ascontiguousarray(padded.T)), np.concatenate([s_hi, s_lo])
+    return torch.from_numpy(np.ascontiguousarray(padded.T)), scale
 
 
-def max_cosines(embeddings: np.ndarray, inv_norms: np.ndarray, topic: np.ndarray, chunk: int = 131072) -> np.ndarray:
+def max_cosines(embeddings: np.ndarray, inv_norms: np.ndarray, topic: np.ndarray, chunk: int = 65536) -> np.ndarray:
     """``[n]`` float32: the largest cosine of each int8 reference row to the unit topic rows ``[A, D]``."""
     n_topic = topic.shape[0]
-    parts, scales = topic_split(topic)
-    s_hi = torch.from_numpy(scales[:n_topic].astype(np.float32))
-    s_lo = torch.from_numpy(scales[n_topic:].astype(np.float32))
-    out = np.empty(embeddings.shape[0], dtype=np.float32)
+    parts, scale = topic_split(topic)
+    best = np.empty(embeddings.shape[0], dtype=np.int32)
     for start in range(0, embeddings.shape[0], chunk):
         with warnings.catch_warnings():  # mapped shards are read-only; the kernel only reads them
             warnings.simplefilter("ignore", UserWarning)
             q = torch.from_numpy(np.asarray(embeddings[start : start + chunk]))
-        if q.shape[0] <= 16:  # _int_mm's CPU kernel needs more than 16 rows: pad small pieces
-            q = torch.cat([q, torch.zeros((17 - q.shape[0], q.shape[1]), dtype=torch.int8)])
-        dots = torch._int_mm(q, parts)[: min(chunk, embeddings.shape[0] - start)].float()
-        cos = dots[:, :n_topic] * s_hi + dots[:, n_topic : 2 * n_topic] * s_lo
-        out[start : start + chunk] = cos.amax(dim=1).numpy()
-    return out * np.asarray(inv_norms, dtype=np.float32)
+        rows = q.shape[0]
+        if rows <= 16:  # _int_mm's CPU kernel needs more than 16 rows: pad small pieces
+            q = torch.cat([q, torch.zeros((17 - rows, q.shape[1]), dtype=torch.int8)])
+        dots = torch._int_mm(q, parts)[:rows]  # exact int32 dot products
+        combined = dots[:, :n_topic].mul(256).add_(dots[:, n_topic : 2 * n_topic])  # |.| < 2^31 for D <= 512
+        best[start : start + rows] = combined.amax(dim=1).numpy()
+    return best.astype(np.float32) * np.float32(scale / 256.0) * np.asarray(inv_norms, dtype=np.float32)
 
 
 def distances_from_cosines(cos: np.ndarray, metric: str) -> np.ndarray:
