@@ -7,9 +7,12 @@ lacks. The additive methods add ``strength × ρ × v`` to the residual stream a
   ``w_i = score_i × output_i`` (``d_i`` the decoder row of latent i, ``score_i`` its M1 topic score);
 - ``output_i`` is the latent's *output score* (after Arad, Mueller & Belinkov 2025, "SAEs are good for
   steering, if you select the right features"): how much probability the latent's own logit-lens
-  tokens gain when the latent is added at the last position of neutral prompts. Latents that fire on
-  topic text but do not make the model *say* anything (position, syntax, style latents) score near 0;
-  the measure is computed once per model, SAE and layer (:class:`SteeringBasis`, cached on disk);
+  tokens gain when the latent is added at the last position of neutral prompts, as a rank percentile
+  among the SAE's latents (0 = no gain, 1 = the largest). Latents that fire on topic text but do not
+  make the model *say* their tokens score low. The rank, not the raw gain: raw gains are dominated by
+  a few latents that push very frequent tokens (of, by, to), which would then make every topic's
+  direction. Computed once per model, SAE and layer (:class:`SteeringBasis`, cached on disk; shipped for
+  the default SAEs);
 - ``ρ`` is the median norm of the residual stream at that layer over neutral text, so a strength means
   the same push for every model and layer (0.3 = 30 % of a typical residual's length).
 """
@@ -34,7 +37,7 @@ from saealign.errors import SaealignError
 from saealign.models import LoadedModel, content_mask, layer_module, special_token_ids
 from saealign.sae.autoencoder import SAE, sae_key
 
-BASIS_VERSION = 1
+BASIS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class SteeringBasis:
     """What the additive methods need to know about one model + SAE + layer, measured once."""
 
     output_scores: np.ndarray
-    """``[d_sae]`` float32 in [0, 1]: each latent's output score, divided by the largest."""
+    """``[d_sae]`` float32 in [0, 1]: each latent's output score (rank percentile of its gain; 0 = no gain)."""
     residual_norm: float
     """Median residual-stream norm at the layer over content tokens of neutral text."""
     key: str
@@ -116,7 +119,7 @@ def measure_basis(lm: LoadedModel, sae: SAE, layer: int, prompts: Sequence[str],
     For each prompt the prefix is run once (KV cache); then, for every latent in chunks, the last token
     is fed with ``scale × ρ × d_i`` added at the layer, and the probability mass of the latent's top
     ``n_tokens`` logit-lens tokens is compared with the unsteered one. The score is the mean gain
-    (clipped at 0), divided by the largest gain: 1 = the latent that most makes the model say its tokens.
+    (clipped at 0) as a rank percentile: 1 = the latent that most makes the model say its tokens, 0 = no gain.
     """
     model, tok = lm.model, lm.tokenizer
     device = next(model.parameters()).device
@@ -177,10 +180,19 @@ def measure_basis(lm: LoadedModel, sae: SAE, layer: int, prompts: Sequence[str],
             gains[start:stop] += gain.double().cpu() / len(encoded)
             bar.update(n)
     bar.close()
-    gains = gains.clamp_min(0)
-    peak = float(gains.max())
-    scores = (gains / peak).float().numpy() if peak > 0 else np.zeros(dirs.shape[0], dtype=np.float32)
-    return SteeringBasis(scores, rho, basis_key(lm, sae, layer))
+    return SteeringBasis(rank_scores(gains.numpy()), rho, basis_key(lm, sae, layer))
+
+
+def rank_scores(gains: np.ndarray) -> np.ndarray:
+    """``[d_sae]`` float32: each positive gain's rank percentile in (0, 1] (ties share a rank); 0 where gain <= 0."""
+    g = np.asarray(gains, dtype=np.float64)
+    out = np.zeros(g.shape, dtype=np.float32)
+    positive = g > 0
+    if positive.any():
+        from scipy.stats import rankdata
+
+        out[positive] = (rankdata(g[positive], method="max") / positive.sum()).astype(np.float32)
+    return out
 
 
 def basis_key(lm: LoadedModel, sae: SAE, layer: int) -> str:

@@ -74,7 +74,7 @@ def steering(spec: GenerationSpec, strength: float) -> Steering:
 def directions_for(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
                    strengths: list[float], basis: SteeringBasis) -> Tensor:
     """``[batch, d_in]`` what the additive methods add to each row: strength × ρ × the row's topic direction."""
-    out = torch.as_tensor(basis.output_scores)
+    out = torch.as_tensor(basis.output_scores) if spec.output_scores else None
     unit = {i: topic_direction(sae, topics[i].as_tensor(unscored="drop"), spec.n_latents, out)
             for i in sorted({j for j in per_row if j is not None})}
     rows = [unit[t] * (s * basis.residual_norm) if t is not None else torch.zeros(sae.d_in)

@@ -94,6 +94,8 @@ class GenerationSpec:
     """Swap/Weight: what latents without a score weigh (:data:`UNSCORED`)."""
     n_latents: int = 64
     """Additive methods: how many of the best latents build the topic direction."""
+    output_scores: bool = True
+    """Additive methods: weigh each latent's topic score by its output score (False: topic scores alone)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
