@@ -17,7 +17,7 @@ from saealign.evaluate.layer_stats import layer_statistics, layer_token_rows, la
 from saealign.models import LoadedModel, content_mask, residuals_at, special_token_ids
 from saealign.reference.embed import HashingEmbedder
 from saealign.reference.index import ReferenceIndex
-from saealign.reference.scoring import SUMMARIES, TopicScores, kendall_tau
+from saealign.reference.scoring import TopicScores, kendall_tau
 from saealign.sae.autoencoder import SAE
 from saealign.steering.edits import Steering, contamination
 
@@ -244,21 +244,21 @@ def test_layer_statistics_rejects_bad_input(lm: LoadedModel, sae: SAE) -> None:
 def test_summary_ablation_table(index: ReferenceIndex) -> None:
     topic = index.texts[:3]
     rows = summary_ablation(index, topic, HashingEmbedder(), min_prompts=MIN_PROMPTS, top=(None, 10), overlap=5)
-    assert len(rows) == len(SUMMARIES) ** 2
+    assert len(rows) == len(index.summaries) ** 2
     table = {(r["a"], r["b"]): r for r in rows}
-    for a in SUMMARIES:
+    for a in index.summaries:
         assert table[(a, a)]["tau_all"] == pytest.approx(1.0, abs=1e-12)
         assert table[(a, a)]["tau_top10"] == pytest.approx(1.0, abs=1e-12)
         assert table[(a, a)]["overlap_top5"] == 1.0
-        for b in SUMMARIES:
+        for b in index.summaries:
             for col in ("tau_all", "tau_top10", "overlap_top5"):
                 assert table[(a, b)][col] == pytest.approx(table[(b, a)][col], abs=1e-12)
-    direct = {s: index.score(topic, HashingEmbedder(), summary=s, min_prompts=MIN_PROMPTS) for s in ("sum", "max")}
-    assert table[("sum", "max")]["tau_all"] == pytest.approx(kendall_tau(direct["sum"], direct["max"]))
-    assert table[("sum", "max")]["tau_top10"] == pytest.approx(kendall_tau(direct["sum"], direct["max"], top=10))
-    shared = set(direct["sum"].top(5)) & set(direct["max"].top(5))
-    assert table[("sum", "max")]["overlap_top5"] == len(shared) / 5
-    assert table[("sum", "max")]["tau_all"] < 1  # the summaries do rank differently
+    direct = {s: index.score(topic, HashingEmbedder(), summary=s, min_prompts=MIN_PROMPTS) for s in ("sum", "binary")}
+    assert table[("sum", "binary")]["tau_all"] == pytest.approx(kendall_tau(direct["sum"], direct["binary"]))
+    assert table[("sum", "binary")]["tau_top10"] == pytest.approx(kendall_tau(direct["sum"], direct["binary"], top=10))
+    shared = set(direct["sum"].top(5)) & set(direct["binary"].top(5))
+    assert table[("sum", "binary")]["overlap_top5"] == len(shared) / 5
+    assert table[("sum", "binary")]["tau_all"] < 1  # the summaries do rank differently
 
 
 def test_summary_ablation_rejects_bad_input(index: ReferenceIndex) -> None:

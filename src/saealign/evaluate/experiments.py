@@ -198,7 +198,7 @@ def summary_ablation(
     index: ReferenceIndex,
     topic_texts: Sequence[str],
     embedder: TextEmbedder,
-    summaries: Sequence[str] = SUMMARIES,
+    summaries: Sequence[str] | None = None,
     top: Sequence[int | None] = (None, 100),
     overlap: int = 20,
     min_prompts: int = 20,
@@ -213,6 +213,7 @@ def summary_ablation(
     is undefined, e.g. all scores tied) and ``overlap_top{overlap}``, the shared share of the two
     top-``overlap`` sets.
     """
+    summaries = index.summaries if summaries is None else summaries  # a compact index keeps no token maxima
     bad = [s for s in summaries if s not in SUMMARIES]
     if bad or not summaries:
         raise SaealignError(f"unknown or no summaries {bad}: use some of {', '.join(SUMMARIES)}")

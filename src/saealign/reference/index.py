@@ -48,7 +48,7 @@ from saealign.reference.manifest import (
     write_manifest,
 )
 from saealign.reference.scoring import METRICS, SUMMARIES, PreparedSummary, TopicScores, score_topic
-from saealign.reference.sharded import CodedColumns, distances_from_cosines, max_cosines
+from saealign.reference.sharded import CODED_KINDS, CodedColumns, distances_from_cosines, max_cosines
 from saealign.reference.shards import Shard, ShardRecord, file_sha256, open_shard, record_matches
 from saealign.reference.statistics import compact_shard
 from saealign.reference.workers import ShardMaker
@@ -190,6 +190,11 @@ class ReferenceIndex:
         self.latent_n_prompts = np.asarray(np.sum([s.latent_prompts for s in shards], axis=0), dtype=np.int64)
         self.latent_max_act = np.max([s.latent_max for s in shards], axis=0).astype(np.float32)
         self.latent_total_act = np.sum([s.latent_total for s in shards], axis=0, dtype=np.float64)
+
+    @property
+    def summaries(self) -> tuple[str, ...]:
+        """Summary kinds this index computes (a compact index keeps no per-token maxima: no ``max``)."""
+        return CODED_KINDS
 
     @property
     def n_prompts(self) -> int:
