@@ -121,8 +121,12 @@ def _generate(aligner: Aligner, cond: BenchCondition, topics: list[BenchTopic], 
 def run_steer_bench(aligner: Aligner, judge: LoadedModel, topics: list[BenchTopic],
                     conditions: Sequence[BenchCondition], cfg: BenchConfig | None = None,
                     classifier: TopicClassifier | None = None,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every condition on every topic; return ``{"cells": [...], "rows": [...], "classifier": {...}, ...}``."""
+                    log: Callable[[str], None] = print,
+                    on_condition: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+    """Run every condition on every topic; return ``{"cells": [...], "rows": [...], "classifier": {...}, ...}``.
+
+    ``on_condition`` receives the cells measured so far after each condition (to save partial results of a
+    long run)."""
     cfg = cfg or BenchConfig()
     assert aligner.embedder is not None
     openers = bench_openers(cfg.n_openers)
@@ -152,6 +156,8 @@ def run_steer_bench(aligner: Aligner, judge: LoadedModel, topics: list[BenchTopi
                               float(topic_distance(aligner.embedder, texts, emb).mean()),
                               float(np.mean([g.strength for g in gens])), texts[:3]))
         timings[cond.label] = time.perf_counter() - t0
+        if on_condition is not None:
+            on_condition([c.__dict__ | {"ppl": c.ppl} for c in cells])
     bar.close()
     rows = summarise(cells, [c.label for c in conditions])
     auto = {t.name: s.extra.get("auto_strength", {}) for t, s in zip(topics, scores, strict=True)}
