@@ -19,13 +19,19 @@ from saealign.steering.aligner import Aligner
 from saealign.steering.spec import GenerationSpec as Spec
 from saealign.steering.strength import AutoStrengthConfig, neutral_prompts, token_nlls
 
-FAST = AutoStrengthConfig(n_prompts=4, max_new_tokens=4, strengths=(0.5, 1.0, 4.0, 8.0))
+FAST = AutoStrengthConfig(n_prompts=4, max_new_tokens=4, strengths=(0.2, 0.5, 1.0, 2.0))  # in every method's range
 PROMPTS = ["the cat sat on the", "a dog ran to"]
 
 
 @pytest.fixture(scope="module")
 def sae() -> SAE:
     return make_sae()
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The additive methods cache the tiny model's steering basis: keep it out of the user's cache."""
+    monkeypatch.setenv("SAEALIGN_CACHE", str(tmp_path_factory.getbasetemp() / "auto-cache"))
 
 
 def make(sae: SAE, cfg: AutoStrengthConfig = FAST) -> Aligner:

@@ -19,6 +19,7 @@ from saealign.cli.app import main
 from saealign.reference.embed import Embedder, HashingEmbedder
 from saealign.reference.scoring import TopicScores
 from saealign.sae.autoencoder import SAE, SAEConfig, sae_key
+from saealign.steering.spec import DEFAULT_METHOD
 
 N_CORPUS = 60
 PROGRESS = re.compile(r"\d+%\|.*\| *\d+/\d+")  # a tqdm bar
@@ -137,7 +138,7 @@ def test_generate_json_and_side_by_side(files: Files) -> None:
     assert len(lines) == 1
     row = json.loads(lines[0])
     assert {"prompt", "method", "mode", "text", "contamination", "token_contamination"} <= set(row)
-    assert (row["prompt"], row["method"], row["mode"]) == ("the cat sat on the", "swap", "error")
+    assert (row["prompt"], row["method"], row["mode"]) == ("the cat sat on the", DEFAULT_METHOD, "error")
     assert len(row["token_contamination"]) == 4 and all(0.0 <= c <= 1.0 for c in row["token_contamination"])
     assert row["contamination"] == pytest.approx(sum(row["token_contamination"]) / 4)
     view = run(*args, "the cat sat on the")
@@ -147,7 +148,7 @@ def test_generate_json_and_side_by_side(files: Files) -> None:
     fixed = json.loads(run(*args, "--json", "--strength", "2", "the cat sat on the").stdout.strip())
     assert fixed["strength"] == 2.0
     assert_one_error_line(run(*args, "--strength", "strong", "a dog"), "strength must be a number or 'auto'")
-    assert_one_error_line(run(*args, "--strength", "inf", "a dog"), "strength for swap must be between 0 and 8")
+    assert_one_error_line(run(*args, "--strength", "inf", "a dog"), f"strength for {DEFAULT_METHOD} must be between 0 and")
 
 
 def test_info_prints_layers_and_width(files: Files) -> None:

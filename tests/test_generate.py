@@ -252,7 +252,7 @@ def test_bad_input_raises_one_clear_error(aligner: Aligner, lm: LoadedModel, sae
         ({"prompts": PROMPTS, "topic": [1, 2]}, "topic must be"),
         ({"prompts": PROMPTS, "topic": topic, "seed": [1, 2]}, "2 seeds for 3 prompts"),
         ({"prompts": PROMPTS, "topic": topic, "strength_per_row": [1.0]}, "1 strengths for 3 prompts"),
-        ({"prompts": PROMPTS, "topic": topic, "strength_per_row": [1.0, 2.0, -1.0]}, "strength for swap"),
+        ({"prompts": PROMPTS, "topic": topic, "strength_per_row": [1.0, 2.0, -1.0]}, "strength for add"),
         ({"prompts": "a dog", "topic": topic, "spec": Spec(chat=True)}, "no chat template"),
     ]
     for kwargs, message in cases:

@@ -21,6 +21,7 @@ from conftest import LiveServer, make_aligner
 from saealign.defaults import TOPICS_DIR
 from saealign.serve.app import ServerLimits, create_app
 from saealign.steering.aligner import Aligner, Generation, TokenEvent
+from saealign.steering.spec import DEFAULT_METHOD
 from saealign.steering.spec import GenerationSpec as Spec
 
 CHAT_TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
@@ -160,17 +161,17 @@ def test_one_topic_shape_in_every_route_and_every_spec_field(client: httpx.Clien
 def test_auto_strength_is_resolved_reported_and_shown_on_the_topic(client: httpx.Client, served: Served) -> None:
     tid = topic_id(client, TOPIC_A)
     r = client.post("/v1/generate", json={"prompt": "the cat sat on the", "topic_id": tid, "greedy": True,
-                                          "max_new_tokens": 4})  # method swap and strength auto by default
+                                          "max_new_tokens": 4})  # the default method and strength auto
     assert r.status_code == 200, r.text
     got = r.json()["generations"][0]
     chosen = served.reference.auto_strength(served.reference.topic(TOPIC_A))
-    assert (got["method"], got["strength"]) == ("swap", chosen.strength)
+    assert (got["method"], got["strength"]) == (DEFAULT_METHOD, chosen.strength)
     want = served.reference.generate("the cat sat on the", TOPIC_A, Spec(strength=chosen.strength, greedy=True,
                                                                            max_new_tokens=4))[0]
     assert got["token_ids"] == want.token_ids
     # earlier requests may have searched this topic for other methods or modes too
     (auto,) = [a for a in client.get(f"/v1/topics/{tid}").json()["auto_strength"]
-               if (a["method"], a["mode"]) == ("swap", "error")]
+               if (a["method"], a["mode"]) == (DEFAULT_METHOD, "error")]
     assert auto["strength"] == chosen.strength
     assert auto["ppl_ratio"] == pytest.approx(chosen.ppl_ratio)
     bad = client.post("/v1/generate", json={"prompt": "a dog", "topic_id": tid, "strength": "strong"})
@@ -233,7 +234,7 @@ def test_openai_client_completions_and_chat(served: Served) -> None:
     with httpx.Client(base_url=served.url) as h:
         tid = topic_id(h, TOPIC_A)
     ref = served.reference
-    want = ref.generate("the cat sat on the", TOPIC_A, Spec("swap", greedy=True, max_new_tokens=5))[0]
+    want = ref.generate("the cat sat on the", TOPIC_A, Spec(greedy=True, max_new_tokens=5))[0]  # the server's default
     done = client.completions.create(model="any", prompt="the cat sat on the", max_tokens=5, temperature=0,
                                      extra_body={"topic": tid})
     assert (done.object, done.model, len(done.choices)) == ("text_completion", "tiny-llama", 1)

@@ -20,14 +20,14 @@ from saealign.cli.common import (
     stack_options,
 )
 from saealign.errors import SaealignError
-from saealign.steering.spec import METHODS, MODES, STRENGTH_METHODS, UNSCORED, GenerationSpec
+from saealign.steering.spec import DEFAULT_METHOD, METHODS, MODES, STRENGTH_METHODS, UNSCORED, GenerationSpec
 
 if TYPE_CHECKING:
     from saealign.reference.scoring import TopicScores
 
 F = TypeVar("F", bound=Callable[..., Any])
 SPEC_OPTIONS = [
-    click.option("--method", type=click.Choice(METHODS), default="swap", show_default=True),
+    click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True),
     click.option("--mode", type=click.Choice(MODES), default="error", show_default=True,
                  help="error: keep the SAE's reconstruction error; replace: layer output = SAE decode (the paper)"),
     click.option("--strength", default="auto", show_default=True,
@@ -45,6 +45,8 @@ SPEC_OPTIONS = [
     click.option("--unscored", type=click.Choice(UNSCORED), default="drop", show_default=True,
                  help="swap/weight: what latents the topic did not score weigh"),
     click.option("--n-latents", default=64, show_default=True, help="additive methods: latents in the direction"),
+    click.option("--output-scores/--no-output-scores", default=True, show_default=True,
+                 help="additive methods: weigh latents by their output scores too"),
 ]
 SPEC_FIELDS = {f.name for f in fields(GenerationSpec)}
 

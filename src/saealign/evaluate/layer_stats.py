@@ -26,7 +26,8 @@ from saealign.evaluate.experiments import content_residuals
 from saealign.models import LoadedModel
 from saealign.reference.scoring import TopicScores
 from saealign.sae.autoencoder import SAE
-from saealign.steering.edits import METHODS, Steering, apply_edit, contamination
+from saealign.steering.edits import Steering, apply_edit, contamination
+from saealign.steering.spec import METHODS
 
 _PER_TOKEN = ("changed", "active", "contamination", "contamination_plain", "err_plain", "err_edit", "err_diff",
               "shift", "x_norm")

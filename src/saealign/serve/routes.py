@@ -37,7 +37,7 @@ from saealign.serve.schemas import (
 )
 from saealign.serve.state import ServerState
 from saealign.steering.aligner import Generation, TokenEvent
-from saealign.steering.spec import METHODS, MODES
+from saealign.steering.spec import DEFAULT_METHOD, METHODS, MODES
 
 FINISH = {"eos": "stop", "length": "length"}
 
@@ -53,7 +53,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         return {"status": "ok", "model": state.model_name, "layer": aligner.layer, "sae": aligner.sae_key,
                 "d_sae": aligner.sae.d_sae, "index": aligner.index is not None, "topics": len(state.topics.topics),
                 **worker, "limits": asdict(state.limits) | state.guard.public(), "searches": len(state.searches.running),
-                "methods": list(METHODS), "modes": list(MODES)}
+                "methods": list(METHODS), "modes": list(MODES), "default_method": DEFAULT_METHOD}
 
     @app.get("/v1/examples", tags=["topics"])
     async def examples() -> dict[str, Any]:

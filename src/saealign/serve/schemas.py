@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from saealign.errors import SaealignError
 from saealign.reference.scoring import METRICS, SUMMARIES
-from saealign.steering.spec import METHODS, MODES, UNSCORED
+from saealign.steering.spec import DEFAULT_METHOD, METHODS, MODES, UNSCORED
 
 Method = Literal[METHODS]  # type: ignore[valid-type]
 Mode = Literal[MODES]  # type: ignore[valid-type]
@@ -74,7 +74,7 @@ class SteeringOptions(BaseModel):
     """The steering fields of a :class:`~saealign.steering.spec.GenerationSpec` (checked by the spec itself)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    method: Method | None = Field(default=None, description="default: swap with a topic, none without")
+    method: Method | None = Field(default=None, description=f"default: {DEFAULT_METHOD} with a topic, none without")
     mode: Mode = "error"
     strength: float | Literal["auto"] = Field(default="auto", description="how hard the method steers (Swap/Weight: "
                                              "scores**strength, 1 = the paper; within the method's range); auto = "
@@ -84,6 +84,7 @@ class SteeringOptions(BaseModel):
     clamp_multiplier: float = Field(default=10.0, description="clamp: forced value as a multiple of the max activation")
     unscored: Unscored = Field(default="drop", description="swap/weight: what latents the topic did not score weigh")
     n_latents: int = Field(default=64, description="additive methods: latents in the topic direction")
+    output_scores: bool = Field(default=True, description="additive methods: weigh latents by their output scores too")
     top_k: int = 5
     greedy: bool = False
 

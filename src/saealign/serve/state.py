@@ -23,7 +23,7 @@ from saealign.serve.limits import ServerGuard, TokenBudget
 from saealign.serve.schemas import ApiError, ServerLimits
 from saealign.serve.searches import StrengthSearches
 from saealign.steering.aligner import Aligner, Generation, TokenEvent
-from saealign.steering.spec import GenerationSpec
+from saealign.steering.spec import DEFAULT_METHOD, GenerationSpec
 
 
 class TopicStore:
@@ -100,7 +100,7 @@ class ServerState:
     def spec(self, topic: TopicScores | None, method: str | None, max_new_tokens: int | None,
              fields: dict[str, Any]) -> GenerationSpec:
         """The request's generation spec (400 with the library's message when a field is wrong)."""
-        method = method or ("swap" if topic is not None else "none")
+        method = method or (DEFAULT_METHOD if topic is not None else "none")
         if max_new_tokens is None:
             max_new_tokens = min(64, self.limits.max_new_tokens)
         if max_new_tokens > self.limits.max_new_tokens:

@@ -28,6 +28,8 @@ UNSCORED = ("neutral", "drop")
 weighs them as an average scored latent (no evidence either way); ``drop`` gives them weight 0 (the
 paper's arithmetic: 0 ** strength)."""
 AUTO = "auto"
+DEFAULT_METHOD = "add"
+"""What a request with a topic and no method gets: chosen by ``saealign eval steer-bench`` (docs/results.md)."""
 
 STRENGTH_RANGE: dict[str, tuple[float, float]] = {
     "swap": (0.0, 8.0),
@@ -70,7 +72,7 @@ class GenerationSpec:
     derives another. Every field is checked on construction, so a spec that exists is valid.
     """
 
-    method: str = "swap"
+    method: str = DEFAULT_METHOD
     """One of :data:`METHODS`."""
     mode: str = "error"
     """One of :data:`MODES` (the edit-based methods; the additive ones always add to x)."""

@@ -52,7 +52,7 @@ async function loadInfo() {
   try {
     const health = await api("/health");
     $("model-info").textContent = `${health.model}, SAE ${health.sae} (${health.d_sae} latents) at layer ${health.layer}`;
-    fillSelect("method", health.methods.filter((m) => m !== "none"), "swap"); // the library's vocabulary
+    fillSelect("method", health.methods.filter((m) => m !== "none"), health.default_method); // the library's vocabulary
     fillSelect("mode", health.modes, "error");
   } catch (e) { say("model-info", e.message, true); }
   try {
