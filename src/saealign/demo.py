@@ -1,8 +1,9 @@
 """The main job (``make demo`` / ``saealign demo``): a medical topic steers the paper's metaphor prompts.
 
 On a fresh machine it converts the default model once, builds the default reference index once
-(progress bar; cached), scores a medical topic, and prints unsteered vs Swap continuations of the
-12 medical-metaphor prompts side by side with their contamination. A second run reuses every cache.
+(progress bar; cached), scores a medical topic, and prints unsteered vs steered continuations of the
+12 medical-metaphor prompts side by side with their contamination, steered by the library's default
+(:data:`~saealign.steering.spec.DEFAULT_METHOD` at ``strength="auto"``). A second run reuses every cache.
 """
 
 from __future__ import annotations
@@ -78,15 +79,16 @@ def run_demo(layer: int | None = None, max_new_tokens: int = 64, seed: int = 0, 
         examples = "; ".join(t[:70] for t, _ in index.top_texts(i, 2))
         console.print(f"  latent {i:5d}  score {topic.scores[i]:.3f}  g {topic.g[i]:.3f}  fires on: {examples}")
     prompts, prompts_name = demo_prompts()
-    # the paper's Swap (strength 1) shows the effect plainly; "auto" (the library's default) is reported below
-    swap = GenerationSpec("swap", strength=1.0, max_new_tokens=max_new_tokens, top_k=5)
+    # the library's default: the additive method at the strength its search picks for this topic
+    default = GenerationSpec(max_new_tokens=max_new_tokens, top_k=5)
     t0 = time.perf_counter()
-    plain = aligner.generate(prompts, topic, replace(swap, method="none"), seed=seed)
-    steered = aligner.generate(prompts, topic, swap, seed=seed)
+    choice = aligner.auto_strength(topic, default)
+    console.print(choice.describe())
+    plain = aligner.generate(prompts, topic, replace(default, method="none"), seed=seed)
+    steered = aligner.generate(prompts, topic, default, seed=seed)
     seconds = time.perf_counter() - t0
-    console.print(side_by_side(plain, steered, f"{prompts_name}: unsteered vs Swap ({max_new_tokens} tokens, top-k 5)"))
+    console.print(side_by_side(plain, steered, f"{prompts_name}: unsteered vs the default ({max_new_tokens} tokens, "
+                                               "top-k 5)"))
     mean = lambda gs: sum(g.contamination or 0.0 for g in gs) / len(gs)  # noqa: E731
-    console.print(f"mean contamination: unsteered {mean(plain):.3f}, swap {mean(steered):.3f}; "
-                  f"generation took {seconds:.1f} s for {2 * len(prompts)} continuations")
-    console.print("the library's default, strength='auto' (the strongest Swap within +15 % perplexity): "
-                  + aligner.auto_strength(topic).describe())
+    console.print(f"mean contamination: unsteered {mean(plain):.3f}, {default.method} {mean(steered):.3f}; "
+                  f"search and generation took {seconds:.1f} s for {2 * len(prompts)} continuations")
