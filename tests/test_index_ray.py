@@ -54,6 +54,21 @@ def test_an_unreachable_cluster_is_one_line() -> None:
         connect("nowhere")
 
 
+def test_index_build_engine_ray_names_the_unreachable_cluster(spec: BuildSpec, corpus: Corpus, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from saealign.cli.app import main
+
+    texts = tmp_path / "corpus.txt"
+    texts.write_text("\n".join(corpus.texts) + "\n")
+    result = CliRunner().invoke(main, ["index", "build", "--engine", "ray", "--ray-address", "127.0.0.1:9",
+                                       "--model", spec.model, "--sae", spec.sae, "--layer", "0",
+                                       "--corpus", str(texts), "--out", str(tmp_path / "idx")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "cannot reach the Ray cluster at 127.0.0.1:9" in result.output
+    assert not (tmp_path / "idx").exists()  # nothing written before the cluster answered
+
+
 def test_ray_builds_the_same_index_as_one_process(spec: BuildSpec, corpus: Corpus, local_ray: object,
                                                  tmp_path: Path) -> None:
     lm, sae, embedder = spec.load()
