@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-import saealign.reference.index as index_module
+import saealign.reference.workers as workers_module
 from conftest import make_llama, make_sae, make_texts, make_tokenizer
 from saealign.cache import cache_root
 from saealign.cli.app import main
@@ -104,7 +104,7 @@ def test_index_build_reports_and_reruns_from_disk(files: Files, monkeypatch: pyt
     def never(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("a finished index was recomputed")
 
-    monkeypatch.setattr(index_module, "shard_statistics", never)
+    monkeypatch.setattr(workers_module, "prompt_statistics", never)  # the step every shard build runs
     result = run("index", "build", "--model", files.model, "--sae", files.sae, "--corpus", files.corpus,
                  "--out", files.index)
     assert result.exit_code == 0, result.output
