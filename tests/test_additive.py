@@ -17,7 +17,8 @@ from saealign.reference.scoring import TopicScores
 from saealign.sae.autoencoder import SAE, sae_key
 from saealign.steering.aligner import Aligner
 from saealign.steering.decoding import Sampling, decode_steps, row_generator
-from saealign.steering.edits import Steering, SteeringHook, apply_edit
+from saealign.steering.edits import Steering, apply_edit
+from saealign.steering.hook import SteeringHook
 from saealign.steering.spec import GenerationSpec as Spec
 from saealign.steering.spec import parse_strength
 

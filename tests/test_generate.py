@@ -18,7 +18,8 @@ from saealign.reference.scoring import TopicScores
 from saealign.sae.autoencoder import SAE, SAEConfig, sae_key
 from saealign.steering.aligner import Aligner, Generation, TokenEvent
 from saealign.steering.decoding import Sampling, decode_steps, row_generator, sample_next
-from saealign.steering.edits import Steering, SteeringHook
+from saealign.steering.edits import Steering
+from saealign.steering.hook import SteeringHook
 from saealign.steering.spec import GenerationSpec as Spec
 
 GREEDY = Spec(greedy=True, max_new_tokens=10)

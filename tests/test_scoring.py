@@ -10,12 +10,12 @@ import scipy.sparse as sp
 import torch
 
 from saealign.errors import SaealignError
+from saealign.reference.embed import min_distances
 from saealign.reference.scoring import (
     SUMMARIES,
     TopicScores,
     kendall_tau,
     latent_g,
-    min_distances,
     prepare_summary,
     score_topic,
     scores_from_g,
@@ -194,23 +194,12 @@ def test_identity_topic_latents_rank_first() -> None:
     act = sp.csr_matrix(acts.astype(np.float32))
     summary = summary_matrix(act, act, act, np.full(n, 10))
     emb = rng.normal(size=(n, 16))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     d = min_distances(emb, emb[label_a])
-    assert np.all(d[label_a] < 1e-6) and np.all(d[~label_a] > 0.1)
+    assert np.all(d[label_a] < 1e-3) and np.all(d[~label_a] > 0.1)  # float32 cosines: identical texts ~3e-4
     ts = score_topic(summary, d, min_prompts=20)
     assert sorted(ts.top(5)) == [0, 1, 2, 3, 4]
     np.testing.assert_allclose(ts.scores[:5], 1.0, atol=1e-5)
-
-
-def test_min_distances_by_hand() -> None:
-    ref = np.array([[0.0, 0.0], [3.0, 4.0], [1.0, 0.0]], dtype=np.float32)
-    topic = np.array([[0.0, 0.0], [3.0, 0.0]])
-    np.testing.assert_allclose(min_distances(ref, topic, chunk=2), [0.0, 4.0, 1.0], atol=1e-12)
-    cos = min_distances(np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([[1.0, 1.0]]), metric="cosine")
-    np.testing.assert_allclose(cos, [1 - 2**-0.5] * 2, rtol=1e-12)
-    with pytest.raises(SaealignError, match="one D"):
-        min_distances(ref, np.zeros((1, 3)))
-    with pytest.raises(SaealignError, match="unknown distance metric"):
-        min_distances(ref, topic, metric="manhattan")
 
 
 def test_kendall_tau_identical_reversed_and_top() -> None:

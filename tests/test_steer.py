@@ -10,17 +10,8 @@ from torch import Tensor, nn
 
 from saealign.errors import SaealignError
 from saealign.sae.autoencoder import SAE, SAEConfig
-from saealign.steering.edits import (
-    Steering,
-    SteeringHook,
-    _with_hidden,
-    apply_edit,
-    contamination,
-    edit_clamp,
-    edit_swap,
-    edit_weight,
-    steer,
-)
+from saealign.steering.edits import Steering, apply_edit, contamination, edit_clamp, edit_swap, edit_weight
+from saealign.steering.hook import SteeringHook, _with_hidden, steer
 
 D_MODEL, D_SAE, LAYER = 64, 256, 0
 

@@ -11,7 +11,7 @@
         print(item.text, end="")                    # TokenEvents, then the whole Generation
 
 Every position (prompt and generated) is steered at the SAE's layer, except each prompt's first
-position, whose residual norm the SAE never saw (see :attr:`saealign.steering.edits.SteeringHook.keep`).
+position, whose residual norm the SAE never saw (see :attr:`saealign.steering.hook.SteeringHook.keep`).
 A generated token's contamination is the one measured at the position that predicted it.
 
 Sampling is reproducible per prompt: each row draws from its own generator seeded from

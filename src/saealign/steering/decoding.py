@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from saealign.errors import SaealignError
-from saealign.steering.edits import SteeringHook
+from saealign.steering.hook import SteeringHook
 from saealign.steering.spec import GenerationSpec
 
 

@@ -19,7 +19,8 @@ from saealign.models import LoadedModel
 from saealign.reference.scoring import TopicScores
 from saealign.sae.autoencoder import SAE
 from saealign.steering.directions import SteeringBasis, topic_direction
-from saealign.steering.edits import ADDITIVE, Steering, SteeringHook
+from saealign.steering.edits import ADDITIVE, Steering
+from saealign.steering.hook import SteeringHook
 from saealign.steering.spec import STRENGTH_METHODS, GenerationSpec, parse_strength
 
 TopicArg = TopicScores | Sequence[TopicScores] | Sequence[str] | str | None
