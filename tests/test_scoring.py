@@ -199,7 +199,7 @@ def test_identity_topic_latents_rank_first() -> None:
     assert np.all(d[label_a] < 1e-3) and np.all(d[~label_a] > 0.1)  # float32 cosines: identical texts ~3e-4
     ts = score_topic(summary, d, min_prompts=20)
     assert sorted(ts.top(5)) == [0, 1, 2, 3, 4]
-    np.testing.assert_allclose(ts.scores[:5], 1.0, atol=1e-5)
+    np.testing.assert_allclose(ts.scores[:5], 1.0, atol=1e-3)
 
 
 def test_kendall_tau_identical_reversed_and_top() -> None:
