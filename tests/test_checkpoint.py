@@ -137,4 +137,4 @@ def test_no_unpickling_in_the_package() -> None:
                     assert kwargs.get("weights_only") == "True", f"{path}: torch.load without weights_only=True"
                 if func.endswith(("np.load", "numpy.load")):
                     assert kwargs.get("allow_pickle", "False") == "False", f"{path}: np.load(allow_pickle=True)"
-    assert loads == ["formats.py"]  # OpenAI's .pt SAEs, read with the allow-list loader
+    assert loads == ["openai_checkpoint.py"]  # OpenAI's .pt SAEs, read with the allow-list loader

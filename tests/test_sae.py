@@ -7,7 +7,7 @@ import torch
 
 from saealign.errors import SaealignError
 from saealign.sae.autoencoder import SAE, SAEConfig
-from saealign.sae.formats import load_saelens_folder
+from saealign.sae.saelens import load_saelens_folder
 
 
 def random_sae(activation: str = "topk", k: int | None = 3, d_in: int = 8, d_sae: int = 16, **cfg) -> SAE:

@@ -21,14 +21,11 @@ from safetensors.torch import save_file
 
 from saealign.errors import SaealignError
 from saealign.sae.autoencoder import SAE, SAEConfig
-from saealign.sae.formats import (
-    check_sae_fits,
-    load_gemma_scope_npz,
-    load_openai_checkpoint,
-    load_sae,
-    load_saelens_folder,
-    load_saelens_release,
-)
+from saealign.sae.formats import check_sae_fits, load_sae
+from saealign.sae.gemma_scope import load_gemma_scope_npz
+from saealign.sae.openai_checkpoint import load_openai_checkpoint
+from saealign.sae.releases import load_saelens_release
+from saealign.sae.saelens import load_saelens_folder
 
 D_IN, D_SAE = 6, 10
 TOL = {"rtol": 1e-12, "atol": 1e-12}

@@ -15,8 +15,9 @@ import torch
 from saealign.defaults import DEFAULT_SAE_DIR
 from saealign.errors import SaealignError
 from saealign.sae.autoencoder import SAE, SAEConfig
-from saealign.sae.formats import load_sae, load_saelens_folder
+from saealign.sae.formats import load_sae
 from saealign.sae.presets import PRESETS, find_preset
+from saealign.sae.saelens import load_saelens_folder
 
 if os.environ.get("CI"):
     import sae_lens
