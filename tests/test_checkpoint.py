@@ -13,7 +13,8 @@ import torch
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
 from saealign.sae.checkpoint import LEGACY_FILE, META_FILE, TENSORS_FILE, load_checkpoint, save_checkpoint
-from saealign.sae.training import TrainConfig, train_saes
+from saealign.sae.train_config import TrainConfig
+from saealign.sae.training import train_saes
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "saealign"
 

@@ -15,11 +15,14 @@ from saealign.cli.app import main
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel, residuals_at
 from saealign.sae import training as train
+from saealign.sae.activations import activation_stream
 from saealign.sae.autoencoder import SAE, SAEConfig
 from saealign.sae.checkpoint import load_checkpoint
 from saealign.sae.formats import load_sae
 from saealign.sae.quality import evaluate_sae
-from saealign.sae.training import TrainConfig, activation_stream, train_and_save, train_saes
+from saealign.sae.topk_trainer import TopKTrainer
+from saealign.sae.train_config import TrainConfig, lr_for
+from saealign.sae.training import train_and_save, train_saes
 
 # 8 steps of 256 tokens; buffers of ~900 tokens (3 steps each), so a run writes 3 checkpoints.
 # dead_tokens 512: latents count as dead after two steps, so the AuxK branch runs too.
@@ -45,14 +48,14 @@ def _assert_same(a: dict[int, SAE], b: dict[int, SAE]) -> None:
 def trained(tiny_lm: LoadedModel) -> tuple[dict[int, SAE], dict[str, float], list[tuple[int, float]]]:
     """One uninterrupted run of CFG, with the FVU of every step recorded."""
     fvus: list[tuple[int, float]] = []
-    original = train.TopKTrainer.train_batch
+    original = TopKTrainer.train_batch
 
-    def recording(self: train.TopKTrainer, x: torch.Tensor) -> None:
+    def recording(self: TopKTrainer, x: torch.Tensor) -> None:
         original(self, x)
         fvus.append((self.layer, self.last["fvu"]))
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train.TopKTrainer, "train_batch", recording)
+        mp.setattr(TopKTrainer, "train_batch", recording)
         saes, facts = train_saes(tiny_lm, TEXTS, CFG, progress=False)
     return saes, facts, fvus
 
@@ -75,8 +78,8 @@ def test_train_config_rejects_bad_values(changes: dict, message: str):
 def test_train_config_steps_and_default_lr():
     assert CFG.steps == 8
     assert TrainConfig(tokens=10_000, batch_tokens=4096).steps == 2
-    assert train.lr_for(2**16, TrainConfig(lr=None)) == pytest.approx(1e-4)  # 2e-4 / sqrt(4)
-    assert train.lr_for(2**16, TrainConfig(lr=3e-3)) == 3e-3
+    assert lr_for(2**16, TrainConfig(lr=None)) == pytest.approx(1e-4)  # 2e-4 / sqrt(4)
+    assert lr_for(2**16, TrainConfig(lr=3e-3)) == 3e-3
 
 
 # -- training -----------------------------------------------------------------------------------------
@@ -95,10 +98,10 @@ def test_train_saes_recipe_invariants(trained):
 
 
 def test_first_step_starts_from_the_recipe_init(tiny_lm: LoadedModel, monkeypatch):
-    original = train.TopKTrainer.train_batch
+    original = TopKTrainer.train_batch
     checked: list[int] = []
 
-    def check_first_step(self: train.TopKTrainer, x: torch.Tensor) -> None:
+    def check_first_step(self: TopKTrainer, x: torch.Tensor) -> None:
         sae = self.to_sae()
         # Encoder = decoder transpose, unit-norm decoder rows, zero encoder bias, before any step.
         assert torch.equal(sae.W_enc, sae.W_dec.T) and torch.equal(sae.b_enc, torch.zeros(sae.d_sae))
@@ -109,7 +112,7 @@ def test_first_step_starts_from_the_recipe_init(tiny_lm: LoadedModel, monkeypatc
         checked.append(self.layer)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.TopKTrainer, "train_batch", check_first_step)
+    monkeypatch.setattr(TopKTrainer, "train_batch", check_first_step)
     with pytest.raises(KeyboardInterrupt):
         train_saes(tiny_lm, TEXTS, replace(CFG, lr=1e-12, layers=(1,)), progress=False)
     assert checked == [1]
@@ -137,15 +140,15 @@ class _Killed(Exception):
 
 def test_interrupted_run_resumes_to_identical_weights(tiny_lm: LoadedModel, trained, tmp_path: Path, monkeypatch):
     ckpt = tmp_path / "ckpt"
-    original = train.TopKTrainer.train_batch
+    original = TopKTrainer.train_batch
 
-    def dies_mid_second_buffer(self: train.TopKTrainer, x: torch.Tensor) -> None:
+    def dies_mid_second_buffer(self: TopKTrainer, x: torch.Tensor) -> None:
         if self.step == 4:  # the first buffer held 3 steps: this is inside the second
             raise _Killed
         original(self, x)
 
     with monkeypatch.context() as mp:
-        mp.setattr(train.TopKTrainer, "train_batch", dies_mid_second_buffer)
+        mp.setattr(TopKTrainer, "train_batch", dies_mid_second_buffer)
         with pytest.raises(_Killed):
             train_saes(tiny_lm, TEXTS, CFG, checkpoint_dir=ckpt, progress=False)
     state = load_checkpoint(ckpt)

@@ -48,7 +48,8 @@ def train_sae_cmd(model: str, corpus_spec: str, layers: str, out_dir: Path, toke
     from saealign.models import load_model
     from saealign.reference.corpus import read_corpus
     from saealign.sae.recipe import plan_run
-    from saealign.sae.training import TrainConfig, train_and_save
+    from saealign.sae.train_config import TrainConfig
+    from saealign.sae.training import train_and_save
 
     cfg = TrainConfig(layers=parse_layers(layers), expansion=expansion, k=k, tokens=tokens, seed=seed)
     corpus = read_corpus(corpus_spec)

@@ -14,7 +14,7 @@ from typing import Any
 from saealign.cache import cache_dir, hash_json
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
-from saealign.sae.training import TrainConfig
+from saealign.sae.train_config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,10 @@
-"""Train TopK SAEs on a model's residual stream (Gao et al. 2024, as in EleutherAI's sparsify).
+"""Train TopK SAEs on a model's residual stream: one run feeds an SAE per layer, then each is evaluated
+on held-out texts and saved.
 
-Recipe: unit-norm decoder rows (gradient parallel to them removed before each step), encoder
-initialised as the decoder's transpose, ``b_dec`` initialised at the mean of the first activation
-buffer, FVU loss plus AuxK loss (the dead latents' top ``d_in/2`` pre-activations reconstruct the
-residual error, weight 1/32), Adam with linear warm-up and a linear decay over the last 20 % of steps.
-
-Activations stream from a partial forward (bf16) that stops at the deepest requested layer, so one
-pass feeds SAEs for several layers. The first position and special tokens are left out: the first
-position's norm is 10-100x the rest and would dominate the loss. A checkpoint is written after each
-activation buffer (SAE + optimiser + counters, as safetensors + JSON: never a pickle), so a killed
-run resumes exactly where it stopped.
+The run owns the order of texts (seeded), the token budget and resuming: a checkpoint is written after
+each activation buffer (SAE + optimiser + counters, as safetensors + JSON: never a pickle), so a killed
+run resumes exactly where it stopped. The data side is :mod:`saealign.sae.activations`, one optimiser
+step is :mod:`saealign.sae.topk_trainer`, the options are :mod:`saealign.sae.train_config`.
 """
 
 from __future__ import annotations
@@ -17,8 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,210 +21,13 @@ from tqdm.auto import tqdm
 
 from saealign.cache import atomic_write_json, check_replaceable
 from saealign.errors import SaealignError
-from saealign.models import LoadedModel, content_mask, residuals_at_layers, special_token_ids
+from saealign.models import LoadedModel
+from saealign.sae.activations import activation_stream
 from saealign.sae.autoencoder import SAE, SAEConfig
 from saealign.sae.checkpoint import load_checkpoint, save_checkpoint
 from saealign.sae.quality import SAEQuality, evaluate_sae
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train TopK SAEs (one per layer) on a model's residual stream."""
-
-    layers: tuple[int, ...] = (6,)
-    """Blocks whose output each SAE reads."""
-    expansion: int = 8
-    """d_sae = expansion x d_model."""
-    k: int = 32
-    """Active latents per token."""
-    tokens: int = 2_000_000
-    """Training tokens (after leaving out first positions and special tokens)."""
-    batch_tokens: int = 4096
-    """Tokens per optimiser step."""
-    buffer_tokens: int = 65_536
-    """Activations shuffled together before being cut into batches (a checkpoint after each)."""
-    max_seq_len: int = 128
-    """Texts are truncated to this many tokens."""
-    text_batch: int = 32
-    """Texts per forward pass."""
-    lr: float | None = None
-    """Adam learning rate; None = 2e-4 / sqrt(d_sae / 2**14), the scaling law of Gao et al."""
-    warmup_steps: int = 50
-    """Linear warm-up steps."""
-    decay_fraction: float = 0.2
-    """Final fraction of steps with linear decay to zero."""
-    auxk_alpha: float = 1 / 32
-    """Weight of the AuxK loss."""
-    dead_tokens: int = 250_000
-    """A latent that has not fired for this many tokens counts as dead (AuxK revives it)."""
-    seed: int = 0
-    """Seed for text order, buffer shuffles and initialisation."""
-
-    def __post_init__(self) -> None:
-        if not self.layers:
-            raise SaealignError("give at least one layer to train an SAE for")
-        if self.tokens < self.batch_tokens:
-            raise SaealignError(f"--tokens ({self.tokens}) must be at least one batch ({self.batch_tokens})")
-        if self.k <= 0 or self.expansion <= 0:
-            raise SaealignError("k and expansion must be positive")
-        if self.buffer_tokens < self.batch_tokens:
-            raise SaealignError(f"buffer_tokens ({self.buffer_tokens}) must hold at least one batch ({self.batch_tokens})")
-
-    @property
-    def steps(self) -> int:
-        return self.tokens // self.batch_tokens
-
-
-def activation_stream(
-    lm: LoadedModel, texts: list[str], cfg: TrainConfig, start_text: int = 0
-) -> Iterator[tuple[dict[int, Tensor], int]]:
-    """Yield ``({layer: [n_tokens, d_model] float32}, texts_consumed)`` in chunks of ~``buffer_tokens``.
-
-    Texts are read in order from ``start_text``; within a chunk, forwards are batched by length to
-    avoid padding waste. Chunks end on text boundaries, so ``texts_consumed`` is an exact resume point.
-    """
-    tok = lm.tokenizer
-    special = special_token_ids(tok)
-    layers = list(cfg.layers)
-    i = start_text
-    while i < len(texts):
-        parts: dict[int, list[Tensor]] = {layer: [] for layer in layers}
-        n_tok = 0
-        while i < len(texts) and n_tok < cfg.buffer_tokens:
-            # Group the next texts by length: a few hundred at a time, sorted, cut into forward batches.
-            group = texts[i : i + cfg.text_batch * 8]
-            enc = [tok(t, truncation=True, max_length=cfg.max_seq_len)["input_ids"] for t in group]  # type: ignore[operator]
-            order = sorted(range(len(enc)), key=lambda j: len(enc[j]))
-            for b in range(0, len(order), cfg.text_batch):
-                rows = [enc[j] for j in order[b : b + cfg.text_batch]]
-                width = max(len(r) for r in rows)
-                ids = torch.full((len(rows), width), int(tok.pad_token_id))  # type: ignore[attr-defined]
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for r, row in enumerate(rows):
-                    ids[r, : len(row)] = torch.tensor(row)
-                    mask[r, : len(row)] = 1
-                keep = content_mask(ids, mask, special)
-                acts = residuals_at_layers(lm.model, layers, ids, mask)
-                for layer in layers:
-                    parts[layer].append(acts[layer][keep].float())
-                n_tok += int(keep.sum())
-            i += len(group)
-        yield {layer: torch.cat(parts[layer]) for layer in layers}, i
-
-
-class TopKTrainer:
-    """One TopK SAE being trained (fp32 master weights).
-
-    The encoder is kept as ``W_encT [d_sae, d_in]`` (rows = latents, like the decoder) during training.
-    """
-
-    def __init__(self, d_in: int, cfg: TrainConfig, layer: int, model_name: str, generator: torch.Generator) -> None:
-        d_sae = d_in * cfg.expansion
-        self.cfg = cfg
-        self.layer = layer
-        self.model_name = model_name
-        self.d_in, self.d_sae = d_in, d_sae
-        w_dec = torch.randn(d_sae, d_in, generator=generator)
-        w_dec /= w_dec.norm(dim=1, keepdim=True)
-        self.W_encT = torch.nn.Parameter(w_dec.clone())  # tied initialisation: encoder = decoder transpose
-        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae))
-        self.W_dec = torch.nn.Parameter(w_dec)
-        self.b_dec = torch.nn.Parameter(torch.zeros(d_in))
-        self.params = [self.W_encT, self.b_enc, self.W_dec, self.b_dec]
-        self.lr = lr_for(d_sae, cfg)
-        self.opt = torch.optim.Adam(self.params, lr=self.lr, betas=(0.9, 0.999), eps=6.25e-10)
-        self.step = 0
-        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.long)
-        self.initialised = False
-        self.last: dict[str, float] = {}
-
-    def to_sae(self) -> SAE:
-        cfg = SAEConfig(
-            d_in=self.d_in, d_sae=self.d_sae, activation="topk", k=self.cfg.k, apply_b_dec_to_input=True,
-            model_name=self.model_name, hook_layer=self.layer,
-        )
-        sae = SAE(cfg, W_enc=self.W_encT.detach().T.contiguous(), b_enc=self.b_enc.detach(),
-                  W_dec=self.W_dec.detach(), b_dec=self.b_dec.detach())
-        return sae.requires_grad_(False)
-
-    def _lr_at(self, step: int) -> float:
-        total = self.cfg.steps
-        if step < self.cfg.warmup_steps:
-            return self.lr * (step + 1) / self.cfg.warmup_steps
-        decay_start = int(total * (1 - self.cfg.decay_fraction))
-        if step >= decay_start:
-            return self.lr * max(0.0, (total - step) / max(1, total - decay_start))
-        return self.lr
-
-    def train_batch(self, x: Tensor) -> None:
-        """One optimiser step on ``x [batch_tokens, d_in]`` (fp32)."""
-        k = self.cfg.k
-        if not self.initialised:
-            with torch.no_grad():
-                self.b_dec.copy_(x.mean(dim=0))
-            self.initialised = True
-        for group in self.opt.param_groups:
-            group["lr"] = self._lr_at(self.step)
-        xc = x - self.b_dec
-        pre = xc @ self.W_encT.T + self.b_enc  # [B, d_sae]
-        top = pre.topk(k, dim=-1)
-        top_idx, vals = top.indices, torch.relu(top.values)
-        # Dense decode of the scattered activations: BLAS matmuls beat gathering k decoder rows per token
-        # (a gather moves batch * k * d_in floats through memory; measured 2-3x slower on 2 CPU cores).
-        acts = torch.zeros_like(pre).scatter(1, top_idx, vals)
-        recon = acts @ self.W_dec + self.b_dec
-        err = x - recon
-        total_var = (x - x.mean(dim=0)).pow(2).sum()
-        fvu = err.pow(2).sum() / total_var
-
-        fired = torch.zeros(self.d_sae, dtype=torch.bool)
-        fired[top_idx[vals.detach() > 0]] = True
-        self.tokens_since_fired += x.shape[0]
-        self.tokens_since_fired[fired] = 0
-        dead = self.tokens_since_fired >= self.cfg.dead_tokens
-        n_dead = int(dead.sum())
-        auxk = torch.zeros(())
-        if n_dead > 0:
-            # AuxK: the dead latents' top pre-activations try to explain the residual error.
-            dead_idx = dead.nonzero().squeeze(1)
-            pre_dead = xc @ self.W_encT[dead_idx].T + self.b_enc[dead_idx]  # [B, n_dead]
-            aux = pre_dead.topk(min(self.d_in // 2, n_dead), dim=-1)
-            aux_acts = torch.zeros_like(pre_dead).scatter(1, aux.indices, torch.relu(aux.values))
-            aux_recon = aux_acts @ self.W_dec[dead_idx]
-            e = err.detach()
-            auxk = torch.nan_to_num((e - aux_recon).pow(2).sum() / (e - e.mean(dim=0)).pow(2).sum(), nan=0.0)
-        loss = fvu + self.cfg.auxk_alpha * auxk
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            # Keep decoder rows unit-norm: drop the gradient component that would change their norm.
-            w, g = self.W_dec, self.W_dec.grad
-            if g is not None:
-                g -= (g * w).sum(dim=1, keepdim=True) * w
-        self.opt.step()
-        with torch.no_grad():
-            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
-        self.step += 1
-        self.last = {"fvu": fvu.item(), "auxk": auxk.item(), "dead": n_dead / self.d_sae}
-
-    # -- checkpointing --------------------------------------------------------------------------
-    def state(self) -> dict[str, object]:
-        return {
-            "params": [p.detach().clone() for p in self.params],
-            "opt": self.opt.state_dict(),
-            "step": self.step,
-            "tokens_since_fired": self.tokens_since_fired.clone(),
-            "initialised": self.initialised,
-        }
-
-    def load_state(self, state: dict[str, object]) -> None:
-        with torch.no_grad():
-            for p, saved in zip(self.params, state["params"], strict=True):  # type: ignore[call-overload]
-                p.copy_(saved)
-        self.opt.load_state_dict(state["opt"])  # type: ignore[arg-type]
-        self.step = int(state["step"])  # type: ignore[call-overload]
-        self.tokens_since_fired = state["tokens_since_fired"]  # type: ignore[assignment]
-        self.initialised = bool(state["initialised"])
+from saealign.sae.topk_trainer import TopKTrainer
+from saealign.sae.train_config import TrainConfig, lr_for
 
 
 def _save_checkpoint(folder: Path, trainers: list[TopKTrainer], texts_consumed: int, tokens_seen: int,
@@ -351,8 +148,3 @@ def train_and_save(
         final.save(out_dir / f"layer_{layer}")
     atomic_write_json(out_dir / "training.json", {"facts": facts, "held_out": {str(k): asdict(v) for k, v in qualities.items()}})
     return qualities
-
-
-def lr_for(d_sae: int, cfg: TrainConfig) -> float:
-    """The configured learning rate, or Gao et al.'s scaling ``2e-4 / sqrt(d_sae / 2**14)``."""
-    return cfg.lr if cfg.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
