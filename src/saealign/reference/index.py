@@ -16,10 +16,7 @@ as int8. The per-latent facts (prompts fired on, max and total activation) are e
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -51,6 +48,7 @@ from saealign.reference.scoring import METRICS, SUMMARIES, PreparedSummary, Topi
 from saealign.reference.sharded import CODED_KINDS, CodedColumns, distances_from_cosines, max_cosines
 from saealign.reference.shards import Shard, ShardRecord, file_sha256, open_shard, record_matches
 from saealign.reference.statistics import compact_shard
+from saealign.reference.texts import TextStore, texts_bytes
 from saealign.reference.workers import ShardMaker
 from saealign.sae.autoencoder import SAE, sae_key
 
@@ -129,16 +127,6 @@ def prepare_folder(folder: Path, corpus: Corpus, cfg: IndexConfig, keys: IndexKe
     return manifest
 
 
-def texts_bytes(texts: list[str], labels: list[str]) -> bytes:
-    """The gzipped JSONL of texts and labels, byte-identical for identical inputs (no time stamp)."""
-    lines = "".join(json.dumps({"text": t, "label": lab}, ensure_ascii=False) + "\n"
-                    for t, lab in zip(texts, labels, strict=True))
-    out = io.BytesIO()
-    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as f:
-        f.write(lines.encode())
-    return out.getvalue()
-
-
 def missing_shards(folder: Path, manifest: dict[str, Any]) -> list[int]:
     """Shards to (re)compute: unlisted, or listed with a file that is absent or fails its checksum."""
     records = shard_records(manifest)
@@ -176,7 +164,7 @@ class ReferenceIndex:
     """A loaded reference index: score topics against it, explain latents with its texts."""
 
     def __init__(self, folder: Path, manifest: dict[str, Any], shards: list[Shard],
-                 texts: tuple[list[str], list[str]] | None = None) -> None:
+                 texts: TextStore | None = None) -> None:
         self.folder = folder
         self.manifest = manifest
         self.keys = IndexKeys(**manifest["keys"])
@@ -242,22 +230,26 @@ class ReferenceIndex:
         manifest = new_manifest(IndexConfig(layer=keys.layer), keys, act_sum.shape[0], act_sum.shape[1],
                                 embeddings.shape[1], "in-memory")
         shard, _ = compact_shard(act_sum, np.asarray(act_max, dtype=np.float32), n_tokens, embeddings)
-        return cls(folder, manifest | {"complete": True}, [shard], (list(texts), list(labels)))
+        return cls(folder, manifest | {"complete": True}, [shard], TextStore(list(texts), list(labels)))
 
     # -- what the rest of saealign reads --------------------------------------------------------
     @property
     def texts(self) -> list[str]:
-        return self._text_rows()[0]
+        """Every prompt's text, in index order (a new list each call: prefer :meth:`text` for a few)."""
+        return self._text_store().texts()
 
     @property
     def labels(self) -> list[str]:
-        return self._text_rows()[1]
+        """Every prompt's label, in index order (a new list each call)."""
+        return self._text_store().labels()
 
-    def _text_rows(self) -> tuple[list[str], list[str]]:
+    def text(self, i: int) -> str:
+        """Prompt ``i``'s text."""
+        return self._text_store().text(i)
+
+    def _text_store(self) -> TextStore:
         if self._texts is None:  # read on first use: a million texts are not needed to score
-            with gzip.open(self.folder / TEXTS_FILE, "rt", encoding="utf-8") as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-            self._texts = ([r["text"] for r in rows], [r["label"] for r in rows])
+            self._texts = TextStore.read(self.folder / TEXTS_FILE)
         return self._texts
 
     @property
@@ -332,4 +324,4 @@ class ReferenceIndex:
             first += s.n_prompts
         row, value = np.concatenate(rows), np.concatenate(values)
         order = np.lexsort((row, -value))[:n]
-        return [(self.texts[int(row[i])], float(value[i])) for i in order]
+        return [(self.text(int(row[i])), float(value[i])) for i in order]
