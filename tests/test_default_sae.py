@@ -57,9 +57,10 @@ def test_shipped_sae_reconstructs_real_activations(real_lm) -> None:  # noqa: AN
               return_tensors="pt", padding=True)
     keep = content_mask(enc["input_ids"], enc["attention_mask"], special_token_ids(tok))
     x = residuals_at(real_lm.model, DEFAULT_LAYER, enc["input_ids"], enc["attention_mask"])[keep].float()
-    acts = sae.encode(x)
+    with torch.no_grad():  # the loaded SAE's weights are trainable parameters; no graph is wanted here
+        acts = sae.encode(x)
+        recon = sae.decode(acts, x).float()
     assert ((acts > 0).sum(dim=-1) <= 32).all()
-    recon = sae.decode(acts, x).float()
     ev = 1 - (x - recon).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
     assert float(ev) > 0.5
     assert torch.isfinite(recon).all()
