@@ -24,6 +24,7 @@ from saealign.reference.authors_csv import read_authors_csv
 from saealign.reference.embed import Embedder, HashingEmbedder
 from saealign.reference.scoring import TopicScores
 from saealign.steering.aligner import Aligner
+from saealign.steering.spec import DEFAULT_METHOD
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,11 @@ def test_score_csv_never_overwrites_a_user_file(files: Files, tmp_path: Path, wa
 # -- 4. absurd strengths, JSON without Infinity ------------------------------------------------------------
 @pytest.mark.parametrize("strength", ["inf", "-inf", "nan", "1e308", "-1", "9"])
 def test_absurd_strengths_are_refused_before_the_model_loads(files: Files, strength: str, watched: list[str]) -> None:
-    one_error(run("generate", *stack(files), "the cat", "--topic-file", files.topic, "--strength", strength),
-              "strength for swap must be between 0 and 8")
+    one_error(run("generate", *stack(files), "the cat", "--topic-file", files.topic, "--method", "swap",
+                  "--strength", strength), "strength for swap must be between 0 and 8")
+    if strength == "9":  # the default method's own range is checked too
+        one_error(run("generate", *stack(files), "the cat", "--topic-file", files.topic, "--strength", "3"),
+                  f"strength for {DEFAULT_METHOD} must be between 0 and 2")
     assert watched == []
 
 

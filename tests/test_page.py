@@ -22,7 +22,7 @@ import pytest
 from conftest import LiveServer, make_aligner
 from saealign.defaults import TOPICS_DIR
 from saealign.serve.app import ServerLimits, create_app
-from saealign.steering.spec import GenerationSpec
+from saealign.steering.spec import DEFAULT_METHOD, GenerationSpec
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -125,8 +125,9 @@ def test_pick_a_topic_generate_and_see_coloured_tokens(page: Any, site: Site, tm
     assert plain.strip() and steered.strip()
     tokens = page.eval_on_selector_all("#steered-output span.token", """spans => spans.map(s => ({
         text: s.textContent, c: s.dataset.contamination, bg: getComputedStyle(s).backgroundColor}))""")
-    # the page shows exactly what the library streams for these options (app.js defaults: swap, error, auto, seed 0)
-    *want, _ = site.reference.stream(PROMPT, texts, GenerationSpec("swap", "error", strength="auto",
+    # the page shows exactly what the library streams for these options (the page's defaults: the default method,
+    # error, auto, seed 0)
+    *want, _ = site.reference.stream(PROMPT, texts, GenerationSpec(DEFAULT_METHOD, "error", strength="auto",
                                                                    max_new_tokens=TOKENS), seed=0)
     assert [t["text"] for t in tokens] == [w.text for w in want]
     for token, event in zip(tokens, want, strict=True):

@@ -49,8 +49,8 @@ NEUTRAL_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "neutral_pro
 CANDIDATES: dict[str, tuple[float, ...]] = {
     "swap": (0.5, 1.0, 2.0, 3.0, 5.0),
     "weight": (0.25, 0.5, 1.0, 2.0, 3.0),
-    "add": (0.1, 0.2, 0.3, 0.45, 0.6),
-    "swap_add": (0.1, 0.2, 0.3, 0.45, 0.6),
+    "add": (0.15, 0.3, 0.45, 0.6),
+    "swap_add": (0.15, 0.3, 0.45, 0.6),
 }
 """The strengths tried per method, inside :data:`saealign.steering.spec.STRENGTH_RANGE`."""
 
@@ -59,14 +59,16 @@ CANDIDATES: dict[str, tuple[float, ...]] = {
 class AutoStrengthConfig:
     """How the automatic strength is searched. The defaults take a few seconds on a 2-core CPU."""
 
-    budget: float = 0.10
-    """Allowed perplexity increase over ``read_tokens`` tokens, steered over unsteered (0.10 = +10 %), under
-    the model itself; the steering benchmark measured how that reads under an independent judge."""
+    budget: float = 0.5
+    """Allowed perplexity increase over ``read_tokens`` tokens, steered over unsteered (0.5 = +50 %), under the
+    unsteered model itself. The model judges its own samples far more harshly than an outsider does (its
+    unsteered text is what it would have said): on ``eval steer-bench`` a +45-50 % self ratio read as +7-16 %
+    under Gemma 3 270M (Swap at 1, add at 0.3), so this budget aims at about +15 % for a reader."""
     read_tokens: int = 64
     """The continuation length the budget speaks of (the default ``max_new_tokens``)."""
-    n_prompts: int = 8
+    n_prompts: int = 6
     """Neutral prompts continued per candidate (the first n of the shipped file)."""
-    max_new_tokens: int = 24
+    max_new_tokens: int = 16
     """Probe length; its two halves separate the lasting cost from the one-off one."""
     top_k: int = 5
     seed: int = 0
