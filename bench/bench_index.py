@@ -23,7 +23,8 @@ import torch
 
 from saealign.defaults import DEFAULT_LAYER, DEFAULT_SAE_DIR, default_corpus_spec, resolve_sae
 from saealign.models import content_mask, load_model, residuals_at, special_token_ids
-from saealign.reference.corpus import read_corpus, sample
+from saealign.reference.corpus import sample
+from saealign.reference.corpus_spec import read_corpus
 from saealign.reference.embed import Embedder
 from saealign.reference.index import IndexConfig, build_index, embedding_store, stack_keys
 

@@ -13,18 +13,10 @@ from pathlib import Path
 import pytest
 
 from saealign.errors import SaealignError
-from saealign.reference.corpus import (
-    LEXNAMES,
-    Corpus,
-    CorpusOptions,
-    clean,
-    parse_wordnet_line,
-    read_corpus,
-    read_topic,
-    read_wordnet,
-    sample,
-    truncate_tokens,
-)
+from saealign.reference.corpus import Corpus, CorpusOptions, clean, sample, truncate_tokens
+from saealign.reference.corpus_spec import read_corpus
+from saealign.reference.text_files import read_topic
+from saealign.reference.wordnet import LEXNAMES, parse_wordnet_line, read_wordnet
 
 # Real lines of WordNet 3.0 (Debian wordnet-base, /usr/share/wordnet), licence header included.
 WORDNET = {

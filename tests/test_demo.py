@@ -13,7 +13,7 @@ from rich.console import Console
 import saealign.demo as demo
 from saealign.defaults import TOPICS_DIR
 from saealign.errors import SaealignError
-from saealign.reference.corpus import read_topic
+from saealign.reference.text_files import read_topic
 from saealign.steering.aligner import Generation
 
 METAPHORS = ["Her heart is a battlefield.", "The economy has a fever.", "My code is a wound."]

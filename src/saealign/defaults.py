@@ -16,9 +16,11 @@ from pathlib import Path
 
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel, default_dtype, load_model
-from saealign.reference.corpus import Corpus, find_wordnet, read_corpus, sample
+from saealign.reference.corpus import Corpus, sample
+from saealign.reference.corpus_spec import read_corpus
 from saealign.reference.embed import Embedder, TextEmbedder
 from saealign.reference.index import IndexConfig, IndexKeys, ReferenceIndex, build_index, cache_folder
+from saealign.reference.wordnet import find_wordnet
 from saealign.reference.workers import BuildEngine, BuildSpec
 from saealign.sae.autoencoder import SAE, sae_key
 from saealign.sae.formats import check_sae_fits, load_sae

@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from saealign.defaults import PACKAGE_DATA, TOPICS_DIR, shared_data_dir
-from saealign.reference.corpus import read_topic
+from saealign.reference.text_files import read_topic
 from saealign.steering.aligner import Aligner, Generation
 from saealign.steering.spec import GenerationSpec
 

@@ -116,7 +116,7 @@ def load_aligner(model: str, sae_spec: str, layer: int | None, index_dir: Path |
 
 
 def read_topic_texts(topic_files: tuple[str, ...], topic_texts: tuple[str, ...]) -> list[str]:
-    from saealign.reference.corpus import read_topic
+    from saealign.reference.text_files import read_topic
 
     if not topic_files and not topic_texts:
         raise SaealignError("give the topic: --topic-file FILE (one example text a line) and/or --topic TEXT")

@@ -46,7 +46,7 @@ def train_sae_cmd(model: str, corpus_spec: str, layers: str, out_dir: Path, toke
     Example: saealign train-sae --corpus ../shared/data/reference,../shared/data/topics --layers 6,15 --out saes
     """
     from saealign.models import load_model
-    from saealign.reference.corpus import read_corpus
+    from saealign.reference.corpus_spec import read_corpus
     from saealign.sae.recipe import plan_run
     from saealign.sae.train_config import TrainConfig
     from saealign.sae.training import train_and_save

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from saealign.defaults import PACKAGE_DATA
 from saealign.errors import SaealignError
-from saealign.reference.corpus import jsonl_rows
+from saealign.reference.text_files import jsonl_rows
 
 
 @dataclass(frozen=True)

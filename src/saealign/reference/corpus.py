@@ -1,56 +1,22 @@
-"""Text collections: reference corpora (``P_ref``) and topic texts (``P_align``).
+"""The ``Corpus`` value (texts with a topic label and a source each) and what is done to one: cleaning
+(:func:`clean`), label-stratified sampling (:func:`sample`) and token truncation (:func:`truncate_tokens`).
 
-A corpus spec names where texts come from; several specs joined with ``,`` are concatenated:
-
-- a file: ``.txt`` (one text a line), ``.jsonl`` / ``.jsonl.gz``, ``.csv``, ``.parquet`` (any of
-  the text formats may also be gzipped), or a folder of them (recursive, sorted); a text's label
-  defaults to its file's stem;
-- ``wordnet`` or ``wordnet:/path/to/dict``: the WordNet 3.0 database files ``data.{noun,verb,adj,adv}``
-  (Debian's ``wordnet-base`` puts them in ``/usr/share/wordnet``): one ``lemma: definition`` text a
-  synset, labelled with its lexicographer file (``noun.body``, ``verb.motion`` ...), plus one text a
-  usage example;
-- ``hf:name[:split]``: a Hugging Face dataset (needs the ``datasets`` package and a reachable hub).
+Reading one from disk or a hub is elsewhere: :func:`saealign.reference.corpus_spec.read_corpus` parses a
+corpus spec and hands each part to :mod:`~saealign.reference.text_files`, :mod:`~saealign.reference.wordnet`
+or :mod:`~saealign.reference.hf_datasets`.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
 import hashlib
-import io
 import json
-import os
-import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from saealign.errors import SaealignError
-
-FILE_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
-"""File types a corpus or folder may hold (each text format also as ``.gz``)."""
-
-WORDNET_DIRS = ("/usr/share/wordnet", "/usr/local/share/wordnet", "/usr/local/WordNet-3.0/dict")
-"""Where ``wordnet`` looks for the database when no folder is given (after ``$WNHOME/dict``)."""
-
-# The WordNet 3.0 ``lexnames`` file: lexicographer file number -> name (45 files).
-LEXNAMES = (
-    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
-    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling",
-    "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person",
-    "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity", "noun.relation",
-    "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition",
-    "verb.communication", "verb.competition", "verb.consumption", "verb.contact", "verb.creation",
-    "verb.emotion", "verb.motion", "verb.perception", "verb.possession", "verb.social", "verb.stative",
-    "verb.weather", "adj.ppl",
-)  # fmt: skip
-
-_WORDNET_POS = ("noun", "verb", "adj", "adv")
-_ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")  # syntactic markers on adjectives: long(a), used_to(p)
-_QUOTED = re.compile(r'"([^"]*)"')
 
 
 @dataclass(frozen=True)
@@ -138,236 +104,6 @@ def clean(corpus: Corpus, options: CorpusOptions = CorpusOptions()) -> Corpus:
     return Corpus(texts, [corpus.labels[i] for i in kept], [corpus.sources[i] for i in kept], corpus.name)
 
 
-def read_corpus(
-    spec: str, text_field: str = "text", label_field: str = "label", source_field: str = "source",
-    include_examples: bool = True, options: CorpusOptions = CorpusOptions(),
-) -> Corpus:  # fmt: skip
-    """Read the corpus named by ``spec`` (see the module docstring) and clean it with ``options``.
-
-    ``text_field``/``label_field``/``source_field`` name the columns of jsonl, csv, parquet and HF
-    datasets; a missing label or source falls back to the file stem. ``include_examples`` adds each
-    WordNet usage example (and each item of a jsonl ``examples`` list) as its own text with the
-    same label.
-    """
-    fields = (text_field, label_field, source_field, include_examples)
-    parts = [_read_one(s.strip(), fields) for s in spec.split(",") if s.strip()]
-    if not parts:
-        raise SaealignError(f"corpus spec {spec!r} names nothing: give a file, folder, 'wordnet' or 'hf:name'")
-    corpus = clean(Corpus.concat(parts, name=spec), options)
-    if not len(corpus):
-        raise SaealignError(f"corpus {spec!r} has no texts after cleaning: check the files and --text-field")
-    return corpus
-
-
-def _read_one(spec: str, fields: tuple[str, str, str, bool]) -> Corpus:
-    if spec == "wordnet" or spec.startswith("wordnet:"):
-        folder = spec.partition(":")[2]
-        return read_wordnet(Path(folder) if folder else None, include_examples=fields[3])
-    if spec.startswith("hf:"):
-        return _read_hf(spec, *fields[:3])
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) and not p.name.startswith("."))
-        if not files:
-            raise SaealignError(f"folder {spec} holds no {'/'.join(FILE_SUFFIXES)} files: add some or name a file")
-        return Corpus.concat([_read_file(p, *fields) for p in files], name=spec)
-    if not path.exists():
-        raise SaealignError(f"corpus {spec} not found: give a file, a folder, 'wordnet' or 'hf:name[:split]'")
-    return _read_file(path, *fields)
-
-
-def _kind(path: Path) -> str:
-    """The format of ``path`` ('' when not a corpus file): '.txt', '.jsonl', '.csv' or '.parquet'."""
-    name = path.name.lower().removesuffix(".gz")
-    return next((s for s in FILE_SUFFIXES if name.endswith(s)), "")
-
-
-def _stem(path: Path) -> str:
-    """File name without its format suffixes: ``wordnet.jsonl.gz`` -> ``wordnet``."""
-    name = path.name.removesuffix(".gz").removesuffix(".GZ")
-    return name[: -len(_kind(path))] if _kind(path) else path.stem
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """``(line number, line without its terminator)`` of a text file (gzipped or not), strict UTF-8."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise SaealignError(f"{path} line {number} is not UTF-8: save the file as UTF-8") from None
-                if number == 1:
-                    line = line.removeprefix("\ufeff")  # byte-order mark written by some editors
-                yield number, line.rstrip("\r\n")
-    except (OSError, EOFError) as e:
-        raise SaealignError(f"cannot read {path}: {e}") from None
-
-
-def _read_file(path: Path, text_field: str, label_field: str, source_field: str, examples: bool) -> Corpus:
-    kind, stem = _kind(path), _stem(path)
-    if kind == ".txt":
-        texts = [line for _, line in _lines(path)]
-        return Corpus(texts, [stem] * len(texts), [stem] * len(texts), str(path))
-    rows: Iterable[tuple[str, dict[str, Any]]]
-    if kind == ".jsonl":
-        rows = jsonl_rows(path)
-    elif kind == ".csv":
-        rows = _csv_rows(path)
-    elif kind == ".parquet":
-        rows = _parquet_rows(path)
-    else:
-        raise SaealignError(f"{path} is not a corpus file: use {', '.join(FILE_SUFFIXES)} (or .gz of the text ones)")
-    return _from_rows(rows, str(path), stem, text_field, label_field, source_field, examples)
-
-
-def jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, row)`` of each JSON object of a ``.jsonl(.gz)`` file (blank lines skipped); ``where`` names the
-    line for error messages. Strict UTF-8 and one clear line for anything that is not a JSON object."""
-    return (_json_row(path, n, line) for n, line in _lines(path) if line.strip())
-
-
-def _json_row(path: Path, number: int, line: str) -> tuple[str, dict[str, Any]]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise SaealignError(f"{path} line {number} is not valid JSON ({e.msg}): write one JSON object a line") from None
-    if not isinstance(row, dict):
-        raise SaealignError(f"{path} line {number} is not a JSON object: write one object a line")
-    return f"{path} line {number}", row
-
-
-def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    text = "\n".join(line for _, line in _lines(path))
-    for number, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
-        yield f"{path} row {number}", row
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise SaealignError(f"reading {path} needs pyarrow: pip install 'saealign[data]'") from None
-    for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-        yield f"{path} row {number}", row
-
-
-def _from_rows(
-    rows: Iterable[tuple[str, dict[str, Any]]], name: str, stem: str, text_field: str, label_field: str,
-    source_field: str, examples: bool,
-) -> Corpus:  # fmt: skip
-    """``(where, row)`` pairs of a table -> corpus; ``where`` names the row in error messages."""
-    texts, labels, sources = [], [], []
-    for where, row in rows:
-        text = row.get(text_field)
-        if not isinstance(text, str):
-            found = ", ".join(sorted(map(str, row))) or "none"
-            problem = "has no" if text is None else "has a non-text"
-            raise SaealignError(f"{where} {problem} {text_field!r} field (fields: {found}): pass the right text field")
-        label = row.get(label_field)
-        label = stem if label is None or label == "" else str(label)
-        source = row.get(source_field)
-        source = stem if source is None or source == "" else str(source)
-        extra = row.get("examples") if examples else None
-        group = [text] + [e for e in extra if isinstance(e, str)] if isinstance(extra, list) else [text]
-        texts += group
-        labels += [label] * len(group)
-        sources += [source] * len(group)
-    return Corpus(texts, labels, sources, name)
-
-
-def find_wordnet(folder: Path | None = None) -> Path:
-    """The folder holding WordNet's ``data.*`` files: ``folder``, else ``$WNHOME/dict``, else the usual places."""
-    if folder is not None:
-        candidates = [folder]
-    else:
-        wnhome = os.environ.get("WNHOME")
-        candidates = ([Path(wnhome) / "dict"] if wnhome else []) + [Path(p) for p in WORDNET_DIRS]
-    for c in candidates:
-        if (c / "data.noun").is_file():
-            return c
-    where = folder if folder is not None else WORDNET_DIRS[0]
-    raise SaealignError(
-        f"WordNet database (data.noun ...) not found in {where}: install it (apt-get install wordnet-base), "
-        "pass wordnet:/path/to/dict, or read a wordnet.jsonl.gz file"
-    )
-
-
-def parse_wordnet_line(line: str) -> tuple[str, str, str, list[str]] | None:
-    """One line of a WordNet ``data.*`` file -> ``(lemma, lexname, definition, examples)``.
-
-    The format (wndb(5)): ``offset lex_filenum ss_type w_cnt word lex_id ... p_cnt pointers ...
-    [frames] | gloss``; ``w_cnt`` is hexadecimal and the gloss reads ``definition; "example"; ...``.
-    Returns None for the licence header (lines starting with two spaces).
-    """
-    if line.startswith("  ") or not line.strip():
-        return None
-    head, _, gloss = line.partition(" | ")
-    fields = head.split()
-    try:
-        lexname = LEXNAMES[int(fields[1])]
-        n_words = int(fields[3], 16)
-        lemma = _ADJ_MARKER.sub("", fields[4]).replace("_", " ")
-    except (IndexError, ValueError):
-        raise SaealignError(f"not a WordNet data line: {line[:60]!r}: point wordnet: at a WordNet 3.0 dict") from None
-    if n_words < 1:
-        raise SaealignError(f"WordNet synset {fields[0]} has no words: the data file is damaged")
-    gloss = gloss.strip()
-    # The definition ends where the first quoted example starts (after '; ', or ': ' in a few
-    # glosses); a quote inside the definition ('as in "carrot and stick"') is not an example.
-    first = re.search(r'(?:^|[;:]\s*)"', gloss)
-    definition = (gloss[: first.start()] if first else gloss).strip().rstrip(";").strip()
-    examples = [e.strip() for e in _QUOTED.findall(gloss[first.start() :])] if first else []
-    return lemma, lexname, definition, [e for e in examples if e]
-
-
-def read_wordnet(folder: Path | None = None, include_examples: bool = True) -> Corpus:
-    """WordNet 3.0 as a corpus: ``lemma: definition`` a synset (+ each usage example), labelled by lexname.
-
-    Reads ``data.noun``, ``data.verb``, ``data.adj``, ``data.adv`` in that order (117,659 synsets).
-    """
-    root = find_wordnet(folder)
-    texts, labels = [], []
-    for pos in _WORDNET_POS:
-        path = root / f"data.{pos}"
-        if not path.is_file():
-            raise SaealignError(f"{path} is missing: the WordNet dict folder needs data.noun/verb/adj/adv")
-        for _, line in _lines(path):
-            parsed = parse_wordnet_line(line)
-            if parsed is None:
-                continue
-            lemma, lexname, definition, examples = parsed
-            group = [f"{lemma}: {definition}"] + (examples if include_examples else [])
-            texts += group
-            labels += [lexname] * len(group)
-    return Corpus(texts, labels, ["wordnet"] * len(texts), f"wordnet:{root}")
-
-
-def _read_hf(spec: str, text_field: str, label_field: str, source_field: str) -> Corpus:
-    name, _, split = spec[3:].partition(":")
-    split = split or "train"
-    try:
-        import datasets
-    except ImportError:
-        raise SaealignError(f"{spec} needs the datasets package: pip install datasets (and a reachable hub)") from None
-    try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as e:  # the hub client raises many types (offline, missing repo, bad split)
-        raise SaealignError(
-            f"cannot load HF dataset {name!r} split {split!r} ({type(e).__name__}): the hub may be unreachable; "
-            "save the data as jsonl/parquet and pass the file"
-        ) from None
-    # Class labels are stored as integers with their names in the features; report the names.
-    names = getattr((getattr(ds, "features", None) or {}).get(label_field), "names", None)
-    stem = f"hf:{name}"
-    rows = (
-        (f"{spec} row {i}", {**r, label_field: names[r[label_field]]} if names and label_field in r else r)
-        for i, r in enumerate(ds)
-    )
-    return _from_rows(rows, spec, stem, text_field, label_field, source_field, examples=False)
-
-
 def sample(corpus: Corpus, n: int, seed: int = 0, stratify: bool = True) -> Corpus:
     """``n`` texts drawn without replacement (in corpus order); the whole corpus when ``n >= len``.
 
@@ -417,29 +153,3 @@ def truncate_tokens(texts: Sequence[str], tokenizer: Any, max_tokens: int) -> li
     for text, offsets in zip(texts, enc["offset_mapping"], strict=True):
         out.append(text if len(offsets) <= max_tokens else text[: offsets[max_tokens - 1][1]])
     return out
-
-
-def read_topic(specs: str | Path | Sequence[str | Path] = (), texts: Sequence[str] = ()) -> list[str]:
-    """Topic texts: the union (first occurrence kept, in order) of topic files and ``texts``.
-
-    A ``.txt`` file holds one text a line; ``.jsonl(.gz)``, ``.csv`` and ``.parquet`` files are read
-    through their ``text`` field. Blank lines are skipped and texts are stripped.
-    """
-    paths = [specs] if isinstance(specs, str | Path) else list(specs)
-    out: dict[str, None] = {}
-    for spec in paths:
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise SaealignError(f"topic file {spec} not found: give a .txt file with one example text a line")
-        if _kind(path) in ("", ".txt"):
-            found = [line.strip() for _, line in _lines(path)]
-        else:
-            found = [t.strip() for t in _read_file(path, "text", "label", "source", False).texts]
-        found = [t for t in found if t]
-        if not found:
-            raise SaealignError(f"topic file {spec} has no texts: put one example text a line")
-        out.update(dict.fromkeys(found))
-    out.update(dict.fromkeys(t.strip() for t in texts if t.strip()))
-    if not out:
-        raise SaealignError("no topic texts given: pass a topic file or some example texts")
-    return list(out)
