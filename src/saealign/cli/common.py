@@ -145,26 +145,10 @@ def read_prompts_file(path: Path) -> list[str]:
 
 
 def json_line(obj: Any) -> str:
-    """Standard JSON on one line: NaN and infinities (which ``json.dumps`` would print as the non-standard
-    ``NaN``/``Infinity``) become null."""
-    import json
-    import math
-    import numbers
+    """Standard JSON on one line (NaN and infinities become null: :mod:`saealign.jsonio`)."""
+    from saealign.jsonio import standard
 
-    def clean(x: Any) -> Any:
-        if isinstance(x, bool) or x is None or isinstance(x, str):
-            return x
-        if isinstance(x, numbers.Integral):  # numpy integers too
-            return int(x)
-        if isinstance(x, numbers.Real):
-            return float(x) if math.isfinite(x) else None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
-    return json.dumps(clean(obj), allow_nan=False)
+    return standard(obj)
 
 
 # -- the evaluation's shared data and workbench --------------------------------------------------------

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from saealign.cli.common import friendly, parse_layers, stack_options
+from saealign.cli.common import friendly, json_line, parse_layers, stack_options
 from saealign.errors import SaealignError
 
 
@@ -62,7 +61,7 @@ def train_sae_cmd(model: str, corpus_spec: str, layers: str, out_dir: Path, toke
                f"checkpoints in {ckpt}")
     qualities = train_and_save(lm, run.train_texts, run.eval_texts, cfg, out_dir, run.recipe, checkpoint_dir=ckpt)
     for layer, q in qualities.items():
-        click.echo(f"layer {layer}: " + json.dumps({k: round(v, 4) for k, v in q.__dict__.items()}))
+        click.echo(f"layer {layer}: " + json_line({k: round(v, 4) for k, v in q.__dict__.items()}))
 
 
 @click.group("index")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from saealign.cache import atomic_write_bytes
+from saealign.jsonio import standard
 
 
 @dataclass
@@ -70,7 +70,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], digit
 def write_rows(out: Path, name: str, rows: Sequence[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
     """``name.json`` (rows + extra) and ``name.csv`` (rows) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / f"{name}.json", (json.dumps({"rows": list(rows), **(extra or {})}, indent=2) + "\n").encode())
+    atomic_write_bytes(out / f"{name}.json", (standard({"rows": list(rows), **(extra or {})}, indent=2) + "\n").encode())
     if rows:
         buf = io.StringIO()
         keys = list(dict.fromkeys(k for r in rows for k in r))

@@ -15,7 +15,6 @@ produced (text, finish reason, contamination, strength used): nothing is re-deri
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
 
+from saealign.jsonio import standard
 from saealign.serve.batching import StreamJob
 from saealign.serve.schemas import (
     ApiError,
@@ -118,7 +118,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
 
 def sse(data: Any, event: str | None = None) -> str:
     """One Server-Sent Event; ``data`` is JSON-encoded unless it is already a string."""
-    body = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    body = data if isinstance(data, str) else standard(data, separators=(",", ":"))
     return (f"event: {event}\n" if event else "") + f"data: {body}\n\n"
 
 
