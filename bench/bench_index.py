@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from saealign.defaults import DEFAULT_LAYER, DEFAULT_SAE_DIR, default_corpus_spec, resolve_sae
-from saealign.models import content_mask, load_model, residuals_at, special_token_ids
+from saealign.models import load_model
 from saealign.reference.corpus import sample
 from saealign.reference.corpus_spec import read_corpus
 from saealign.reference.embed import Embedder
 from saealign.reference.index import IndexConfig, build_index, embedding_store, stack_keys
+from saealign.residual_stream import content_mask, residuals_at, special_token_ids
 
 
 def raw_forward(lm, texts: list[str], cfg: IndexConfig) -> float:  # noqa: ANN001 - a LoadedModel

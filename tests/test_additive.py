@@ -11,9 +11,10 @@ import torch
 import saealign.steering.directions as directions
 from conftest import EOS_ID, make_llama, make_sae, make_tokenizer
 from saealign.errors import SaealignError
-from saealign.models import LoadedModel, layer_module
+from saealign.models import LoadedModel
 from saealign.reference.embed import HashingEmbedder
 from saealign.reference.scoring import TopicScores
+from saealign.residual_stream import layer_module
 from saealign.sae.autoencoder import SAE, sae_key
 from saealign.steering.aligner import Aligner
 from saealign.steering.decoding import Sampling, decode_steps, row_generator

@@ -48,7 +48,7 @@ def test_shipped_sae_reconstructs_real_activations(real_lm) -> None:  # noqa: AN
     """Re-measure on a few real sentences: EV well above zero and exactly k active latents."""
     import torch
 
-    from saealign.models import content_mask, residuals_at, special_token_ids
+    from saealign.residual_stream import content_mask, residuals_at, special_token_ids
 
     sae = resolve_sae(f"default:{DEFAULT_LAYER}")
     tok = real_lm.tokenizer

@@ -14,10 +14,11 @@ from conftest import build_tiny_index, make_sae, make_texts
 from saealign.errors import SaealignError
 from saealign.evaluate.experiments import coverage_curve, summary_ablation, topk_token_share
 from saealign.evaluate.layer_stats import layer_statistics, layer_token_rows, layer_token_values
-from saealign.models import LoadedModel, content_mask, residuals_at, special_token_ids
+from saealign.models import LoadedModel
 from saealign.reference.embed import HashingEmbedder
 from saealign.reference.index import ReferenceIndex
 from saealign.reference.scoring import TopicScores, kendall_tau
+from saealign.residual_stream import content_mask, residuals_at, special_token_ids
 from saealign.sae.autoencoder import SAE
 from saealign.steering.edits import Steering, contamination
 

@@ -10,11 +10,12 @@ import torch
 
 from conftest import EOS_ID, PAD_ID, make_llama, make_sae, make_texts, make_tokenizer
 from saealign.errors import SaealignError
-from saealign.models import LoadedModel, layer_module
+from saealign.models import LoadedModel
 from saealign.reference.corpus import Corpus
 from saealign.reference.embed import HashingEmbedder
 from saealign.reference.index import IndexConfig, ReferenceIndex, build_index
 from saealign.reference.scoring import TopicScores
+from saealign.residual_stream import layer_module
 from saealign.sae.autoencoder import SAE, SAEConfig, sae_key
 from saealign.steering.aligner import Aligner, Generation, TokenEvent
 from saealign.steering.decoding import Sampling, decode_steps, row_generator, sample_next

@@ -15,11 +15,12 @@ import torch
 import saealign.reference.workers as workers_module
 from conftest import make_llama, make_sae, make_texts, make_tokenizer
 from saealign.errors import SaealignError
-from saealign.models import LoadedModel, content_mask, residuals_at, special_token_ids
+from saealign.models import LoadedModel
 from saealign.reference.corpus import Corpus
 from saealign.reference.embed import HashingEmbedder
 from saealign.reference.index import IndexConfig, IndexKeys, ReferenceIndex, build_index
 from saealign.reference.scoring import kendall_tau
+from saealign.residual_stream import content_mask, residuals_at, special_token_ids
 from saealign.sae.autoencoder import SAE, sae_key
 
 N_TEXTS = 40

@@ -12,12 +12,11 @@ from conftest import make_llama, make_tokenizer
 from saealign import models
 from saealign.cache import cache_dir, cache_root
 from saealign.errors import SaealignError
-from saealign.models import (
+from saealign.models import default_dtype, load_model
+from saealign.residual_stream import (
     content_mask,
     decoder_layers,
-    default_dtype,
     layer_module,
-    load_model,
     residuals_at,
     residuals_at_layers,
     special_token_ids,

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from conftest import D_MODEL, make_llama, make_texts, make_tokenizer
 from saealign.cli.app import main
 from saealign.errors import SaealignError
-from saealign.models import LoadedModel, residuals_at
+from saealign.models import LoadedModel
+from saealign.residual_stream import residuals_at
 from saealign.sae import training as train
 from saealign.sae.activations import activation_stream
 from saealign.sae.autoencoder import SAE, SAEConfig

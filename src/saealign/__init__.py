@@ -14,7 +14,7 @@ The package is laid out by stage of the data flow, each stage importing only tho
 ``reference/`` (corpora, embeddings, the reference index, M1 scoring), ``steering/`` (the spec, the
 latent edits, decoding, the :class:`Aligner`, the automatic strength), ``evaluate/`` (the paper's
 experiments), ``serve/`` (HTTP API and page) and ``cli/`` (the ``saealign`` command); ``models``,
-``defaults``, ``cache`` and ``errors`` are shared below them.
+``residual_stream``, ``defaults``, ``cache`` and ``errors`` are shared below them.
 
 The names below are imported on first use, so ``import saealign`` alone stays cheap.
 """

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 
 from saealign.cache import atomic_dir, cache_dir, hash_file, hash_json
 from saealign.errors import SaealignError
-from saealign.models import LoadedModel, content_mask, special_token_ids
+from saealign.models import LoadedModel
 from saealign.reference.text_files import jsonl_rows
+from saealign.residual_stream import content_mask, special_token_ids
 
 SPLITS = {"train": "cola_train.jsonl.gz", "dev_in": "cola_dev_in.jsonl.gz", "dev_out": "cola_dev_out.jsonl.gz"}
 FEATURE_VERSION = 1

@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 
 from saealign.errors import SaealignError
-from saealign.models import LoadedModel, content_mask, residuals_at, special_token_ids
+from saealign.models import LoadedModel
 from saealign.reference.embed import TextEmbedder
 from saealign.reference.index import ReferenceIndex
 from saealign.reference.scoring import SUMMARIES, TopicScores, kendall_tau, score_topic
+from saealign.residual_stream import content_mask, residuals_at, special_token_ids
 from saealign.sae.autoencoder import SAE
 
 COVERAGE_SIZES = tuple(2**e for e in range(8, 18))

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from saealign.cache import atomic_write_bytes, cache_dir, hash_json
 from saealign.errors import SaealignError
-from saealign.models import LoadedModel, layer_module
+from saealign.models import LoadedModel
 from saealign.reference.codec import column, decode
 from saealign.reference.corpus import Corpus
 from saealign.reference.embed import TextEmbedder
@@ -50,6 +50,7 @@ from saealign.reference.shards import Shard, ShardRecord, file_sha256, open_shar
 from saealign.reference.statistics import compact_shard
 from saealign.reference.texts import TextStore, texts_bytes
 from saealign.reference.workers import ShardMaker
+from saealign.residual_stream import layer_module
 from saealign.sae.autoencoder import SAE, sae_key
 
 __all__ = ["FORMAT", "VERSION", "IndexConfig", "IndexKeys", "ReferenceIndex", "build_index", "prepare_folder",

@@ -98,7 +98,7 @@ class _RayShardWorker:
 
 def _stack_facts(spec: BuildSpec, layer: int, corpus: Corpus) -> tuple[IndexKeys, int, int]:
     """Keys, SAE width and embedding width, from one load of the stack (where the actors run)."""
-    from saealign.models import layer_module
+    from saealign.residual_stream import layer_module
     from saealign.sae.formats import check_sae_fits
 
     lm, sae, embedder = spec.load()

@@ -21,9 +21,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from saealign.models import LoadedModel, content_mask, residuals_at, special_token_ids
+from saealign.models import LoadedModel
 from saealign.reference.codec import encode
 from saealign.reference.shards import Shard
+from saealign.residual_stream import content_mask, residuals_at, special_token_ids
 from saealign.sae.autoencoder import SAE
 
 

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from saealign.models import LoadedModel, content_mask, residuals_at_layers, special_token_ids
+from saealign.models import LoadedModel
+from saealign.residual_stream import content_mask, residuals_at_layers, special_token_ids
 from saealign.sae.train_config import TrainConfig
 
 

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from saealign.models import LoadedModel, content_mask, hidden_from_output, layer_module, special_token_ids
+from saealign.models import LoadedModel
+from saealign.residual_stream import content_mask, hidden_from_output, layer_module, special_token_ids
 from saealign.sae.autoencoder import SAE
 
 OUTLIER_NORM_RATIO = 3.0

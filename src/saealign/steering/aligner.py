@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from saealign.errors import SaealignError
-from saealign.models import LoadedModel, layer_module, special_token_ids
+from saealign.models import LoadedModel
 from saealign.reference.embed import TextEmbedder
 from saealign.reference.index import ReferenceIndex
 from saealign.reference.scoring import TopicScores
+from saealign.residual_stream import layer_module, special_token_ids
 from saealign.sae.autoencoder import SAE, sae_key
 from saealign.steering import plan as planning
 from saealign.steering.decoding import Detokenizer, Sampling, decode_steps, row_generator

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from saealign.cache import atomic_write_bytes, cache_dir, hash_json
 from saealign.errors import SaealignError
-from saealign.models import LoadedModel, content_mask, layer_module, special_token_ids
+from saealign.models import LoadedModel
+from saealign.residual_stream import content_mask, layer_module, special_token_ids
 from saealign.sae.autoencoder import SAE, sae_key
 
 BASIS_VERSION = 2

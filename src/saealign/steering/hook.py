@@ -155,7 +155,7 @@ def steer(
     max_act: Tensor | None = None,
     record: bool = True,
 ) -> Iterator[SteeringHook]:
-    """Steer ``model`` at ``layer_module`` (see :func:`saealign.models.layer_module`) inside the block.
+    """Steer ``model`` at ``layer_module`` (see :func:`saealign.residual_stream.layer_module`) inside the block.
 
     ``with steer(model, layer_module(model, 6), sae, Steering("swap"), scores) as hook: model.generate(...)``
     The hook is removed when the block ends, also on an exception; the model's modules are never

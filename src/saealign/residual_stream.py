@@ -1,0 +1,120 @@
+"""Layer L of a causal LM: finding its decoder blocks and reading the residual stream after one of them.
+
+"Layer L" everywhere in saealign means the residual stream *after* decoder block L (0-based), the
+SAELens hook ``blocks.L.hook_resid_post``, i.e. ``hidden_states[L + 1]`` of a HF forward pass.
+Also here: which token positions count (:func:`content_mask`, :func:`special_token_ids`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from saealign.errors import SaealignError
+
+# Attribute paths to the decoder-block list, by architecture family. Order matters: multimodal
+# Gemma 3 wraps the text model one level deeper.
+_LAYER_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2, Gemma 2/3 (CausalLM)
+    "model.language_model.layers",  # Gemma 3 ForConditionalGeneration
+    "language_model.model.layers",
+    "transformer.h",  # GPT-2, GPT-J
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "model.decoder.layers",  # OPT
+)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a HF causal LM (Llama, Gemma 2/3, GPT-2, GPT-NeoX, Qwen2, Mistral...)."""
+    for dotted in _LAYER_PATHS:
+        obj: object = model
+        for part in dotted.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise SaealignError(f"cannot find the decoder blocks of {type(model).__name__}: supported are Llama, Gemma, GPT-2, GPT-NeoX, Qwen2, Mistral")
+
+
+def layer_module(model: nn.Module, layer: int) -> nn.Module:
+    """The block whose output is the residual stream after block ``layer`` (0-based; negatives count back)."""
+    layers = decoder_layers(model)
+    n = len(layers)
+    if not -n <= layer < n:
+        raise SaealignError(f"layer {layer} is out of range: this model has {n} blocks (use 0..{n - 1})")
+    return layers[layer]
+
+
+def hidden_from_output(output: object) -> Tensor:
+    """A decoder block's hidden states, whether it returns a Tensor or a tuple (HF versions differ)."""
+    return output if isinstance(output, Tensor) else output[0]  # type: ignore[index]
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once layer L is computed (partial forward)."""
+
+
+@torch.inference_mode()
+def residuals_at_layers(
+    model: nn.Module, layers: list[int], input_ids: Tensor, attention_mask: Tensor | None = None
+) -> dict[int, Tensor]:
+    """Residual streams after several blocks from one partial forward: ``{L: [b, s, d_model]}``.
+
+    The pass stops right after the deepest requested block, so layer 6 of 30 costs ~1/5 of a full
+    pass, and several layers cost no more than the deepest one.
+    """
+    blocks = decoder_layers(model)
+    for layer in layers:
+        layer_module(model, layer)  # range check with a clear message
+    wanted = sorted({layer % len(blocks) for layer in layers})
+    store: dict[int, Tensor] = {}
+    deepest = wanted[-1]
+
+    def make_hook(index: int):  # noqa: ANN202 - a closure per block
+        def hook(_mod: nn.Module, _inp: object, out: object) -> None:
+            store[index] = hidden_from_output(out)
+            if index == deepest:
+                raise _StopForward
+
+        return hook
+
+    handles = [blocks[i].register_forward_hook(make_hook(i)) for i in wanted]
+    try:
+        with contextlib.suppress(_StopForward):
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(store) != len(wanted):
+        raise RuntimeError("the layer hooks did not fire: the model skipped its decoder blocks")
+    return {layer: store[layer % len(blocks)] for layer in layers}
+
+
+def residuals_at(model: nn.Module, layer: int, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Residual stream after block ``layer``: ``input_ids [b, s] -> [b, s, d_model]`` (partial forward)."""
+    return residuals_at_layers(model, [layer], input_ids, attention_mask)[layer]
+
+
+def special_token_ids(tokenizer: object) -> set[int]:
+    """Ids of the tokenizer's special tokens (BOS/EOS/PAD/chat markers): excluded from SAE data and summaries."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    return {int(i) for i in ids if i is not None}
+
+
+def content_mask(input_ids: Tensor, attention_mask: Tensor, special_ids: set[int]) -> Tensor:
+    """Positions whose activations count: real tokens, not special, not the first real position.
+
+    The first position's residual norm is 10-100x the others in most LMs (attention sink), so it is
+    left out of SAE training data and of prompt summaries. Works for left or right padding.
+    ``input_ids, attention_mask: [b, s] -> bool [b, s]``.
+    """
+    mask = attention_mask.bool()
+    first = mask.int().cumsum(dim=1) == 1
+    mask = mask & ~first
+    if special_ids:
+        special = torch.isin(input_ids, torch.tensor(sorted(special_ids), device=input_ids.device))
+        mask = mask & ~special
+    return mask
