@@ -23,7 +23,6 @@ identical samples: pass one seed per prompt (``seed=[0, 1, 2]``) for several sam
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,15 +34,14 @@ from saealign.reference.scoring import TopicScores
 from saealign.residual_stream import layer_module, special_token_ids
 from saealign.sae.autoencoder import SAE, sae_key
 from saealign.steering import plan as planning
+from saealign.steering import strength as search
 from saealign.steering.decoding import Detokenizer, Sampling, decode_steps, row_generator
 from saealign.steering.directions import SteeringBasis, load_or_measure_basis
 from saealign.steering.edits import ADDITIVE
 from saealign.steering.generation import Generation, RowRecord, TokenEvent
 from saealign.steering.plan import Plan, TopicArg
 from saealign.steering.spec import GenerationSpec
-
-if TYPE_CHECKING:  # the strength search drives an Aligner: imported where used, so neither module needs the other
-    from saealign.steering.strength import AutoStrengthConfig, NeutralProbe, StrengthChoice
+from saealign.steering.strength import AutoStrengthConfig, NeutralProbe, StrengthChoice, neutral_prompts
 
 __all__ = ["Aligner", "Generation", "TokenEvent", "TopicArg"]
 
@@ -60,7 +58,6 @@ class Aligner:
         embedder: TextEmbedder | None = None,
     ) -> None:
         from saealign.sae.formats import check_sae_fits
-        from saealign.steering.strength import AutoStrengthConfig
 
         check_sae_fits(sae, lm.d_model, f"layer {layer}")
         self.block = layer_module(lm.model, layer)  # checks the range
@@ -144,20 +141,16 @@ class Aligner:
         """The strongest strength of ``spec``'s method within the fluency budget for ``topic`` (searched once,
         then cached in ``topic.extra["auto_strength"]``, which :meth:`TopicScores.save` keeps).
         See :mod:`saealign.steering.strength`."""
-        from saealign.steering.strength import StrengthChoice, cache_key, choose_strength
-
         spec = spec or GenerationSpec()
         topic.check_compatible(self.sae_key, self.sae.d_sae)
-        key = cache_key(self, spec, self.auto_config)
+        key = search.cache_key(self, spec, self.auto_config)
         cached = topic.extra.setdefault("auto_strength", {})
         if key not in cached:
-            cached[key] = choose_strength(self, topic, spec, self.auto_config).to_json()
+            cached[key] = search.choose_strength(self, topic, spec, self.auto_config).to_json()
         return StrengthChoice.from_json(cached[key])
 
     def neutral_probe(self, cfg: AutoStrengthConfig) -> NeutralProbe:
         """The unsteered side of the search (topic-independent: measured once per configuration)."""
-        from saealign.steering.strength import NeutralProbe
-
         if cfg.key() not in self._probes:
             self._probes[cfg.key()] = NeutralProbe(self, cfg)
         return self._probes[cfg.key()]
@@ -166,8 +159,6 @@ class Aligner:
         """Output scores and residual norm for the additive methods: shipped for the defaults, else measured once
         (a minute or two on a CPU) and cached on disk. See :mod:`saealign.steering.directions`."""
         if self._basis is None:
-            from saealign.steering.strength import neutral_prompts
-
             self._basis = load_or_measure_basis(self.lm, self.sae, self.layer, neutral_prompts(4))
         return self._basis
 

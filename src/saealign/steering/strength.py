@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -40,9 +40,25 @@ from saealign.reference.embed import min_distances
 from saealign.steering.spec import STRENGTH_METHODS, STRENGTH_RANGE, GenerationSpec
 
 if TYPE_CHECKING:
+    from saealign.reference.embed import TextEmbedder
     from saealign.reference.scoring import TopicScores
-    from saealign.steering.aligner import Aligner
     from saealign.steering.generation import Generation
+
+class Aligner(Protocol):
+    """What the search needs of :class:`saealign.steering.aligner.Aligner` (which drives this module, so this
+    module names it by shape rather than importing it)."""
+
+    lm: LoadedModel
+    embedder: TextEmbedder | None
+    sae_key: str
+    layer: int
+
+    def generate(self, prompts: str | Sequence[str], topic: Any = None, spec: GenerationSpec | None = None,
+                 seed: int | Sequence[int] = 0, topic_per_row: Sequence[int] | None = None,
+                 strength_per_row: Sequence[float] | None = None) -> list[Generation]: ...
+
+    def neutral_probe(self, cfg: AutoStrengthConfig) -> NeutralProbe: ...
+
 
 NEUTRAL_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "neutral_prompts.txt"
 
