@@ -78,7 +78,7 @@ def test_topic_direction_by_hand(sae: SAE) -> None:
     assert torch.allclose(got, want / want.norm(), atol=1e-6) and got.norm() == pytest.approx(1.0)
     only_top = directions.topic_direction(sae, s, n_latents=1, output_scores=out)
     assert torch.allclose(only_top, unit[3], atol=1e-6)
-    with pytest.raises(SaealignError, match="no latent both scores"):
+    with pytest.raises(SaealignError, match="nothing to steer along"):
         directions.topic_direction(sae, s, 4, output_scores=torch.zeros(sae.d_sae))
 
 
@@ -186,6 +186,15 @@ def test_unscored_latents_neutral_or_dropped(sae: SAE) -> None:
     assert torch.all(neutral[:10] == float(np.median(t.scores[mask]))) and torch.equal(neutral[10:], dropped[10:])
     with pytest.raises(SaealignError, match="unscored policy"):
         t.as_tensor(unscored="veto")
+
+
+def test_no_strength_means_the_methods_default() -> None:
+    from saealign.steering.spec import DEFAULT_STRENGTH
+
+    assert Spec().method == "add" and Spec().strength == DEFAULT_STRENGTH["add"] == 0.3
+    assert Spec("swap").strength == 1.0 and Spec("weight", strength=None).strength == 1.0  # the paper's
+    assert Spec("add", strength="auto").is_auto and Spec("clamp").strength == 1.0  # clamp ignores it
+    assert Spec(**Spec("swap_add").to_json()) == Spec("swap_add")  # resolved once: JSON round-trips
 
 
 def test_strengths_outside_the_methods_range_are_refused() -> None:

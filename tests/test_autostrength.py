@@ -102,7 +102,7 @@ def test_auto_is_deterministic_cached_and_saved(sae: SAE, tmp_path, monkeypatch:
 def test_generate_auto_equals_the_chosen_number(sae: SAE) -> None:
     aligner = make(sae)
     t = topic(sae, 5)
-    auto = aligner.generate(PROMPTS, t, Spec(greedy=True, max_new_tokens=5))
+    auto = aligner.generate(PROMPTS, t, Spec(strength="auto", greedy=True, max_new_tokens=5))
     chosen = aligner.auto_strength(t).strength
     fixed = aligner.generate(PROMPTS, t, Spec(strength=chosen, greedy=True, max_new_tokens=5))
     assert [g.token_ids for g in auto] == [g.token_ids for g in fixed]
@@ -115,7 +115,7 @@ def test_rows_with_different_auto_strengths_share_one_batch(sae: SAE) -> None:
     aligner = make(sae, AutoStrengthConfig(**{**FAST.__dict__, "budget": 100.0}))
     topics = [topic(sae, 7), topic(sae, 11)]
     strengths = [aligner.auto_strength(t).strength for t in topics]
-    both = aligner.generate(PROMPTS, topics, Spec(greedy=True, max_new_tokens=5), topic_per_row=[0, 1])
+    both = aligner.generate(PROMPTS, topics, Spec(strength="auto", greedy=True, max_new_tokens=5), topic_per_row=[0, 1])
     for i, t in enumerate(topics):
         alone = aligner.generate(PROMPTS[i], t, Spec(strength=strengths[i], greedy=True, max_new_tokens=5))[0]
         assert both[i].token_ids == alone.token_ids and both[i].strength == strengths[i]
@@ -143,7 +143,7 @@ def test_bad_input(sae: SAE) -> None:
         Spec(strength="strong")
     no_embedder = Aligner(aligner.lm, sae, 0)
     with pytest.raises(SaealignError, match="needs an embedder"):
-        no_embedder.generate(PROMPTS, topic(sae, 1))
+        no_embedder.generate(PROMPTS, topic(sae, 1), Spec(strength="auto"))
     assert no_embedder.generate(PROMPTS, topic(sae, 1), Spec(strength=1, max_new_tokens=2))  # a number needs none
     with pytest.raises(SaealignError, match="neutral prompts"):
         neutral_prompts(10_000)

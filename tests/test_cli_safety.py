@@ -136,7 +136,8 @@ def test_score_csv_equals_the_saved_scores_and_generate_reads_it(files: Files, t
     saved, imported = TopicScores.load(tmp_path / "s"), read_authors_csv(tmp_path / "s.csv")
     assert np.array_equal(saved.scores, imported.scores) and np.array_equal(saved.scored, imported.scored)
     # generating from the CSV is generating from the folder: same scores, same steering
-    gen = ["generate", *stack(files), "the cat", "--strength", 1, "--greedy", "--max-new-tokens", 4, "--json"]
+    gen = ["generate", *stack(files), "the cat", "--strength", 1, "--greedy", "--max-new-tokens", 4, "--json",
+           "--no-contrast"]  # the CSV holds scores only: no texts to measure the activation contrast on
     from_csv, from_folder = run(*gen, "--scores", tmp_path / "s.csv"), run(*gen, "--scores", tmp_path / "s")
     assert from_csv.exit_code == 0, from_csv.output
     assert json.loads(from_csv.stdout)["text"] == json.loads(from_folder.stdout)["text"]
@@ -144,13 +145,15 @@ def test_score_csv_equals_the_saved_scores_and_generate_reads_it(files: Files, t
 
 def test_csv_scores_without_texts_cannot_search_auto(files: Files, tmp_path: Path, watched: list[str]) -> None:
     (tmp_path / "s.csv").write_text("latent,score\n" + "".join(f"{i},0.5\n" for i in range(256)))
-    one_error(run("generate", *stack(files), "the cat", "--scores", tmp_path / "s.csv"), "--strength NUMBER")
+    one_error(run("generate", *stack(files), "the cat", "--strength", "auto", "--scores", tmp_path / "s.csv"),
+              "--strength NUMBER")
+    one_error(run("generate", *stack(files), "the cat", "--scores", tmp_path / "s.csv"), "--no-contrast")
     assert watched == []
 
 
 def test_csv_of_another_width_is_one_line(files: Files, tmp_path: Path) -> None:
     (tmp_path / "s.csv").write_text("0.5\n0.25\n")
-    one_error(run("generate", *stack(files), "the cat", "--strength", 1, "--scores", tmp_path / "s.csv"),
+    one_error(run("generate", *stack(files), "the cat", "--strength", 1, "--no-contrast", "--scores", tmp_path / "s.csv"),
               "2 latents", "re-score")
 
 

@@ -48,7 +48,7 @@ def topic_scores(sae: SAE, seed: int, value: float | None = None) -> TopicScores
     """Hand-set scores: random in [0, 1] (or all ``value``), every latent scored."""
     d = sae.d_sae
     s = np.full(d, value, np.float32) if value is not None else np.random.default_rng(seed).random(d, np.float32)
-    return TopicScores(s, np.zeros(d), np.full(d, 30), np.ones(d, bool), [f"topic {seed}"], sae_key=sae_key(sae))
+    return TopicScores(s, np.zeros(d), np.full(d, 30), np.ones(d, bool), make_texts(2, seed=seed), sae_key=sae_key(sae))
 
 
 def ids_of(gens: list[Generation]) -> list[list[int]]:

@@ -126,18 +126,17 @@ def test_pick_a_topic_generate_and_see_coloured_tokens(page: Any, site: Site, tm
     tokens = page.eval_on_selector_all("#steered-output span.token", """spans => spans.map(s => ({
         text: s.textContent, c: s.dataset.contamination, bg: getComputedStyle(s).backgroundColor}))""")
     # the page shows exactly what the library streams for these options (the page's defaults: the default method,
-    # error, auto, seed 0)
-    *want, _ = site.reference.stream(PROMPT, texts, GenerationSpec(DEFAULT_METHOD, "error", strength="auto",
-                                                                   max_new_tokens=TOKENS), seed=0)
+    # error, the method's default strength, seed 0)
+    default = GenerationSpec(DEFAULT_METHOD, "error", max_new_tokens=TOKENS)
+    *want, _ = site.reference.stream(PROMPT, texts, default, seed=0)
     assert [t["text"] for t in tokens] == [w.text for w in want]
     for token, event in zip(tokens, want, strict=True):
         c = float(token["c"])
         assert 0.0 <= c <= 1.0 and c == pytest.approx(event.contamination, abs=1e-4)
         assert token["bg"] not in ("rgba(0, 0, 0, 0)", "transparent")
         assert all(abs(a - b) <= 2 for a, b in zip(rgb(token["bg"]), expected_rgb(c), strict=True)), token
-    chosen = site.reference.auto_strength(site.reference.topic(texts)).strength
     assert f"({len(want)} tokens" in page.inner_text("#steered-summary")
-    assert f"strength {chosen:g}" in page.inner_text("#steered-summary")  # auto resolved, shown
+    assert f"strength {default.strength:g}" in page.inner_text("#steered-summary")  # the default resolved, shown
     *plain_want, _ = site.reference.stream(PROMPT, texts, GenerationSpec("none", max_new_tokens=TOKENS), seed=0)
     assert page.eval_on_selector_all("#plain-output span.token", "s => s.map(x => x.textContent)") == [
         w.text for w in plain_want]

@@ -161,7 +161,7 @@ def test_one_topic_shape_in_every_route_and_every_spec_field(client: httpx.Clien
 def test_auto_strength_is_resolved_reported_and_shown_on_the_topic(client: httpx.Client, served: Served) -> None:
     tid = topic_id(client, TOPIC_A)
     r = client.post("/v1/generate", json={"prompt": "the cat sat on the", "topic_id": tid, "greedy": True,
-                                          "max_new_tokens": 4})  # the default method and strength auto
+                                          "max_new_tokens": 4, "strength": "auto"})  # the default method
     assert r.status_code == 200, r.text
     got = r.json()["generations"][0]
     chosen = served.reference.auto_strength(served.reference.topic(TOPIC_A))

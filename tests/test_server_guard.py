@@ -159,7 +159,8 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
 
 
 def generate(url: str, topic: list[str], **extra: object) -> httpx.Response:
-    body = {"prompt": "the cat", "topic": topic, "max_new_tokens": 3, "greedy": True, **extra}
+    # strength "auto" unless told: these tests are about the searches it starts (the default is a number)
+    body = {"prompt": "the cat", "topic": topic, "max_new_tokens": 3, "greedy": True, "strength": "auto", **extra}
     return httpx.post(f"{url}/v1/generate", json=body, timeout=120)
 
 
@@ -196,7 +197,7 @@ def test_fallback_serves_at_once_at_the_stated_strength(aligner: Aligner, gate: 
         while httpx.get(f"{url}/health").json()["searches"] and time.monotonic() < deadline:
             time.sleep(0.1)
         after = generate(url, TOPIC_B).json()["generations"][0]["strength"]
-        assert after == aligner.auto_strength(aligner.topic(TOPIC_B), GenerationSpec()).strength
+        assert after == aligner.auto_strength(aligner.topic(TOPIC_B), GenerationSpec(strength="auto")).strength
 
 
 def test_search_limit_and_off(aligner: Aligner, gate: Gate) -> None:

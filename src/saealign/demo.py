@@ -3,7 +3,7 @@
 On a fresh machine it converts the default model once, builds the default reference index once
 (progress bar; cached), scores a medical topic, and prints unsteered vs steered continuations of the
 12 medical-metaphor prompts side by side with their contamination, steered by the library's default
-(:data:`~saealign.steering.spec.DEFAULT_METHOD` at ``strength="auto"``). A second run reuses every cache.
+(:data:`~saealign.steering.spec.DEFAULT_METHOD` at its default strength). A second run reuses every cache.
 """
 
 from __future__ import annotations
@@ -79,11 +79,9 @@ def run_demo(layer: int | None = None, max_new_tokens: int = 64, seed: int = 0, 
         examples = "; ".join(t[:70] for t, _ in index.top_texts(i, 2))
         console.print(f"  latent {i:5d}  score {topic.scores[i]:.3f}  g {topic.g[i]:.3f}  fires on: {examples}")
     prompts, prompts_name = demo_prompts()
-    # the library's default: the additive method at the strength its search picks for this topic
+    # the library's default: the additive method at its default strength
     default = GenerationSpec(max_new_tokens=max_new_tokens, top_k=5)
     t0 = time.perf_counter()
-    choice = aligner.auto_strength(topic, default)
-    console.print(choice.describe())
     plain = aligner.generate(prompts, topic, replace(default, method="none"), seed=seed)
     steered = aligner.generate(prompts, topic, default, seed=seed)
     seconds = time.perf_counter() - t0
@@ -91,4 +89,4 @@ def run_demo(layer: int | None = None, max_new_tokens: int = 64, seed: int = 0, 
                                                "top-k 5)"))
     mean = lambda gs: sum(g.contamination or 0.0 for g in gs) / len(gs)  # noqa: E731
     console.print(f"mean contamination: unsteered {mean(plain):.3f}, {default.method} {mean(steered):.3f}; "
-                  f"search and generation took {seconds:.1f} s for {2 * len(prompts)} continuations")
+                  f"generation took {seconds:.1f} s for {2 * len(prompts)} continuations")

@@ -20,6 +20,7 @@ from saealign.cli.common import (
     stack_options,
 )
 from saealign.errors import SaealignError
+from saealign.steering.edits import ADDITIVE
 from saealign.steering.spec import DEFAULT_METHOD, METHODS, MODES, STRENGTH_METHODS, UNSCORED, GenerationSpec
 
 if TYPE_CHECKING:
@@ -30,9 +31,10 @@ SPEC_OPTIONS = [
     click.option("--method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True),
     click.option("--mode", type=click.Choice(MODES), default="error", show_default=True,
                  help="error: keep the SAE's reconstruction error; replace: layer output = SAE decode (the paper)"),
-    click.option("--strength", default="auto", show_default=True,
-                 help="how hard the method steers (Swap/Weight: scores**strength, 1 = the paper); auto: the "
-                      "strongest within the fluency budget, searched once per topic"),
+    click.option("--strength", default=None,
+                 help="how hard the method steers (add: x median residual norm, default 0.3; Swap/Weight: "
+                      "scores**strength, default 1 = the paper); auto: the strongest within the fluency budget, "
+                      "searched once per topic"),
     click.option("--max-new-tokens", default=64, show_default=True),
     click.option("--top-k", default=5, show_default=True),
     click.option("--temperature", default=1.0, show_default=True),
@@ -47,6 +49,9 @@ SPEC_OPTIONS = [
     click.option("--n-latents", default=64, show_default=True, help="additive methods: latents in the direction"),
     click.option("--output-scores/--no-output-scores", default=True, show_default=True,
                  help="additive methods: weigh latents by their output scores too"),
+    click.option("--contrast/--no-contrast", default=True, show_default=True,
+                 help="additive methods: weigh latents by how much more they fire on the topic texts than on the "
+                      "reference corpus"),
 ]
 SPEC_FIELDS = {f.name for f in fields(GenerationSpec)}
 
@@ -209,6 +214,9 @@ def _read_scores(path: Path, texts: list[str] | None, spec: GenerationSpec) -> T
     elif spec.is_auto and spec.method in STRENGTH_METHODS:
         raise SaealignError(f"--scores {path} holds scores only, and --strength auto measures distance to the topic "
                             "texts: give --strength NUMBER, or the texts with --topic-file/--topic")
+    elif spec.method in ADDITIVE and spec.contrast:
+        raise SaealignError(f"--scores {path} holds scores only, and {spec.method} weighs latents by their activation "
+                            "on the topic texts: give the texts with --topic-file/--topic, or --no-contrast")
     return topic
 
 

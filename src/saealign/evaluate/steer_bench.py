@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from saealign.evaluate.topic_classifier import TopicClassifier
 from saealign.models import LoadedModel
 from saealign.reference.scoring import TopicScores
 from saealign.steering.aligner import Aligner
+from saealign.steering.edits import ADDITIVE
 from saealign.steering.generation import Generation
 from saealign.steering.spec import GenerationSpec
 
@@ -62,16 +63,19 @@ def bench_openers(n: int) -> list[str]:
 
 
 def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondition]:
-    """none, prompting, prompting + the default, the paper's methods, the additive ones, and the default."""
+    """none, prompting, prompting + the default, the default, its neighbours (strengths, auto, the direction
+    without the activation contrast), the paper's Swap, and the hybrid swap_add."""
     default = default or GenerationSpec()
-    fixed = [("swap", 1.0), ("swap", 3.0), ("add", 0.2), ("add", 0.3), ("add", 0.4), ("add", 0.6),
-             ("swap_add", 0.3)]
     out = [BenchCondition("none", GenerationSpec(method="none")),
            BenchCondition("prompting", GenerationSpec(method="none"), prompting=True),
            BenchCondition("prompting + default", default, prompting=True),
-           BenchCondition("swap auto (previous default)", GenerationSpec(method="swap", strength="auto"))]
-    out += [BenchCondition(f"{m} {s:g}", GenerationSpec(method=m, strength=s)) for m, s in fixed]
-    out.append(BenchCondition(f"default ({default.method} {default.strength})", default))
+           BenchCondition(f"default ({default.method} {default.strength})", default)]
+    if default.method in ADDITIVE:
+        out += [BenchCondition(f"{default.method} {s:g}", replace(default, strength=s)) for s in (0.2, 0.4)]
+        out += [BenchCondition(f"{default.method} auto", replace(default, strength="auto")),
+                BenchCondition(f"{default.method} {default.strength} without contrast", replace(default, contrast=False))]
+    out += [BenchCondition("swap 1", GenerationSpec(method="swap", strength=1.0)),
+            BenchCondition("swap_add 0.3", GenerationSpec(method="swap_add", strength=0.3))]
     return out
 
 

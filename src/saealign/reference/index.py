@@ -190,6 +190,11 @@ class ReferenceIndex:
         return int(self.n_tokens.shape[0])
 
     @property
+    def mean_activation(self) -> np.ndarray:
+        """``[d_sae]`` float64: each latent's total activation over the corpus per content token (exact)."""
+        return np.asarray(self.latent_total_act / max(1, int(self.n_tokens.sum(dtype=np.int64))), dtype=np.float64)
+
+    @property
     def key(self) -> str:
         return hash_json(self.manifest["keys"])
 

@@ -22,6 +22,7 @@ META_FILE = "scores.json"
 _FORMAT = "saealign.topic_scores"
 _VERSION = 1
 _ARRAY_FIELDS = ("scores", "g", "n_prompts", "scored")
+_OPTIONAL_ARRAYS = ("contrast",)
 _META_FIELDS = ("topic_texts", "summary", "metric", "min_prompts", "index_key", "sae_key", "note", "extra")
 
 
@@ -57,6 +58,10 @@ class TopicScores:
     """Anything a user should know about these scores (e.g. flat scores)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form JSON-serialisable facts cached with the scores (e.g. an automatic strength)."""
+    contrast: np.ndarray | None = None
+    """``[L]`` float32 >= 0 or None: how much more each latent fires on the topic texts than on the reference
+    corpus, per token (:mod:`saealign.reference.contrast`); the additive methods weigh latents by it. Filled
+    by :meth:`saealign.steering.aligner.Aligner.topic` (it needs the model), None from the index alone."""
 
     def __post_init__(self) -> None:
         self.scores = np.asarray(self.scores, dtype=np.float32)
@@ -68,6 +73,11 @@ class TopicScores:
             raise SaealignError(f"TopicScores arrays must be [L] vectors of one length, got shapes {sorted(shapes)}")
         self.topic_texts = [str(t) for t in self.topic_texts]
         self.min_prompts = int(self.min_prompts)
+        if self.contrast is not None:
+            self.contrast = np.asarray(self.contrast, dtype=np.float32)
+            if self.contrast.shape != self.scores.shape or not np.isfinite(self.contrast).all() or (self.contrast < 0).any():
+                raise SaealignError(f"TopicScores.contrast must be a finite, non-negative [L] vector like the scores, "
+                                    f"got shape {self.contrast.shape}")
 
     @property
     def d_sae(self) -> int:
@@ -119,7 +129,7 @@ class TopicScores:
             meta_bytes = (json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
         except (TypeError, ValueError) as e:
             raise SaealignError(f"TopicScores.extra must be JSON-serialisable ({e}): store plain values") from e
-        arrays = {k: getattr(self, k) for k in _ARRAY_FIELDS}
+        arrays = {k: getattr(self, k) for k in (*_ARRAY_FIELDS, *_OPTIONAL_ARRAYS) if getattr(self, k) is not None}
         final = Path(path)
         with atomic_dir(final) as tmp:
             (tmp / ARRAYS_FILE).write_bytes(save(arrays))
@@ -145,8 +155,12 @@ class TopicScores:
         missing = [k for k in _ARRAY_FIELDS if k not in arrays] + [k for k in _META_FIELDS if k not in meta]
         if missing:
             raise SaealignError(f"topic scores at {folder} lack {missing}: re-score the topic")
-        lengths = {k: arrays[k].shape for k in _ARRAY_FIELDS}
+        lengths = {k: arrays[k].shape for k in (*_ARRAY_FIELDS, *_OPTIONAL_ARRAYS) if k in arrays}
         if any(s != (meta.get("d_sae"),) for s in lengths.values()):
             raise SaealignError(f"topic scores at {folder} are mismatched ({lengths} vs d_sae {meta.get('d_sae')}): re-score")
         fields: dict[str, Any] = {k: arrays[k] for k in _ARRAY_FIELDS} | {k: meta[k] for k in _META_FIELDS}
-        return cls(**fields)
+        fields |= {k: arrays[k] for k in _OPTIONAL_ARRAYS if k in arrays}
+        try:
+            return cls(**fields)
+        except SaealignError as e:
+            raise SaealignError(f"topic scores at {folder} are corrupt ({e}): re-score the topic") from e

@@ -18,7 +18,7 @@ from saealign.errors import SaealignError
 from saealign.models import LoadedModel
 from saealign.serve.schemas import ApiError
 from saealign.steering.plan import encode_prompt
-from saealign.steering.spec import GenerationSpec
+from saealign.steering.spec import DEFAULT_STRENGTH, GenerationSpec
 
 AUTO_POLICIES = ("wait", "fallback", "off")
 
@@ -62,9 +62,9 @@ class ServerGuard:
         return out | {"api_key_required": self.api_key is not None}
 
 
-FALLBACK_STRENGTH = {"swap": 1.0, "weight": 1.0, "add": 0.3, "swap_add": 0.3}
-"""What ``auto_strength="fallback"`` serves while a topic's search runs: the paper's strength for Swap/Weight,
-the measured knee (0.3 x the residual norm) for the additive methods (DESIGN.md)."""
+FALLBACK_STRENGTH = DEFAULT_STRENGTH
+"""What ``auto_strength="fallback"`` serves while a topic's search runs: each method's default strength (the
+paper's 1 for Swap/Weight, 0.3 x the residual norm for the additive methods)."""
 
 
 class TokenBudget:

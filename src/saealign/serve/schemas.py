@@ -76,15 +76,19 @@ class SteeringOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     method: Method | None = Field(default=None, description=f"default: {DEFAULT_METHOD} with a topic, none without")
     mode: Mode = "error"
-    strength: float | Literal["auto"] = Field(default="auto", description="how hard the method steers (Swap/Weight: "
-                                             "scores**strength, 1 = the paper; within the method's range); auto = "
-                                             "the strongest within the fluency budget, searched once per topic")
+    strength: float | Literal["auto"] | None = Field(
+        default=None, description="how hard the method steers, within its range (add: x median residual norm; "
+                                  "Swap/Weight: scores**strength, 1 = the paper); null = the method's default "
+                                  "(add 0.3, Swap/Weight 1); auto = the strongest within the fluency budget, "
+                                  "searched once per topic")
     steer_prompt: bool = Field(default=True, description="also edit the prompt's positions")
     clamp_n: int = Field(default=5, description="clamp: latents forced on")
     clamp_multiplier: float = Field(default=10.0, description="clamp: forced value as a multiple of the max activation")
     unscored: Unscored = Field(default="drop", description="swap/weight: what latents the topic did not score weigh")
     n_latents: int = Field(default=64, description="additive methods: latents in the topic direction")
     output_scores: bool = Field(default=True, description="additive methods: weigh latents by their output scores too")
+    contrast: bool = Field(default=True, description="additive methods: weigh latents by how much more they fire on "
+                                                     "the topic texts than on the reference corpus")
     top_k: int = 5
     greedy: bool = False
 

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
+from saealign.reference.contrast import activation_contrast, mean_activation
 from saealign.reference.embed import TextEmbedder
 from saealign.reference.index import ReferenceIndex
 from saealign.reference.scoring import TopicScores
@@ -70,6 +72,7 @@ class Aligner:
         """How ``strength="auto"`` searches (see :mod:`saealign.steering.strength`); replace to change the budget."""
         self._probes: dict[str, NeutralProbe] = {}
         self._basis: SteeringBasis | None = None
+        self._neutral_mean: np.ndarray | None = None
         self.special_ids = special_token_ids(lm.tokenizer)
         """Token ids whose positions are never edited (see :func:`saealign.steering.decoding.decode_steps`)."""
         self.sae_key = sae_key(sae)
@@ -100,7 +103,28 @@ class Aligner:
                 "Aligner, or use Aligner.default()"
             )
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return self.index.score(texts, self.embedder, summary, metric, min_prompts)
+        return self.with_contrast(self.index.score(texts, self.embedder, summary, metric, min_prompts))
+
+    def with_contrast(self, topic: TopicScores) -> TopicScores:
+        """``topic`` with its activation contrast filled in where it lacks one (:mod:`saealign.reference.contrast`):
+        its texts' mean activations against the reference index's, or, without an index, the neutral prompts'."""
+        if topic.contrast is not None:
+            return topic
+        if not topic.topic_texts:
+            raise SaealignError("these topic scores hold no topic texts to measure the activation contrast on: "
+                                "re-score the topic, or steer with contrast=False")
+        topic_mean = mean_activation(self.lm, self.sae, self.layer, topic.topic_texts)
+        topic.contrast = activation_contrast(topic_mean, self.reference_mean())
+        return topic
+
+    def reference_mean(self) -> np.ndarray:
+        """``[d_sae]`` each latent's mean activation per token on reference text: the index's corpus (exact,
+        free), or, for an aligner without an index, the package's neutral prompts (measured once)."""
+        if self.index is not None:
+            return self.index.mean_activation
+        if self._neutral_mean is None:
+            self._neutral_mean = mean_activation(self.lm, self.sae, self.layer, neutral_prompts(16))
+        return self._neutral_mean
 
     def generate(
         self,
@@ -178,6 +202,8 @@ class Aligner:
                             for i, p in enumerate(prompts)), strict=True)
         topics, per_row = planning.resolve_topics(topic, topic_per_row, len(prompts), self.topic, self.sae_key,
                                                   self.sae.d_sae)
+        if spec.method in ADDITIVE and spec.contrast:
+            topics = [self.with_contrast(t) for t in topics]
         if spec.needs_topic and not topics:
             raise SaealignError(f"method {spec.method!r} needs a topic: pass topic= (scores or topic texts)")
         if spec.method == "clamp" and self.index is None:

@@ -4,7 +4,10 @@ Swap only re-ranks the latents a context already activates, so it cannot bring i
 lacks. The additive methods add ``strength × ρ × v`` to the residual stream at the SAE's layer, where
 
 - ``v`` is the unit vector along ``Σ_i w_i · d_i / |d_i|`` over the ``n_latents`` latents of largest
-  ``w_i = score_i × output_i`` (``d_i`` the decoder row of latent i, ``score_i`` its M1 topic score);
+  ``w_i = score_i × output_i × contrast_i`` (``d_i`` the decoder row of latent i, ``score_i`` its M1 topic
+  score, ``contrast_i`` how much more it fires on the topic texts than on the reference corpus,
+  :mod:`saealign.reference.contrast`; each factor can be left out with the spec's ``output_scores`` and
+  ``contrast``);
 - ``output_i`` is the latent's *output score* (after Arad, Mueller & Belinkov 2025, "SAEs are good for
   steering, if you select the right features"): how much probability the latent's own logit-lens
   tokens gain when the latent is added at the last position of neutral prompts, as a rank percentile
@@ -74,19 +77,24 @@ def unit_decoder(sae: SAE) -> Tensor:
     return torch.where(norms > 0, w / norms.clamp_min(1e-12), torch.zeros_like(w))
 
 
-def topic_direction(sae: SAE, scores: Tensor, n_latents: int, output_scores: Tensor | None = None) -> Tensor:
+def topic_direction(sae: SAE, scores: Tensor, n_latents: int, output_scores: Tensor | None = None,
+                    contrast: Tensor | None = None) -> Tensor:
     """The unit ``[d_in]`` float32 direction of a topic: see the module docstring.
 
-    ``scores [d_sae]`` the M1 scores in [0, 1]; ``output_scores [d_sae]`` in [0, 1] or None (scores alone).
+    ``scores [d_sae]`` the M1 scores in [0, 1]; ``output_scores [d_sae]`` in [0, 1] or None (scores alone);
+    ``contrast [d_sae]`` >= 0 (topic-vs-reference mean activation) or None.
     """
     w = scores.detach().float().cpu()
     if output_scores is not None:
         w = w * output_scores.detach().float().cpu()
+    if contrast is not None:
+        w = w * contrast.detach().float().cpu()
     w = torch.nan_to_num(w, nan=0.0).clamp_min(0)
     k = min(n_latents, int((w > 0).sum()))
     if k == 0:
-        raise SaealignError("no latent both scores for this topic and has an output effect: nothing to steer along "
-                            "(use a method without a direction, e.g. swap, or give more topic texts)")
+        raise SaealignError("no latent scores for this topic, has an output effect and fires more on the topic texts "
+                            "than on the reference: nothing to steer along (use a method without a direction, e.g. "
+                            "swap, or give more topic texts)")
     values, idx = w.topk(k)
     v = (values.unsqueeze(1) * unit_decoder(sae).cpu()[idx]).sum(dim=0)
     norm = v.norm()

@@ -76,11 +76,20 @@ def directions_for(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], pe
                    strengths: list[float], basis: SteeringBasis) -> Tensor:
     """``[batch, d_in]`` what the additive methods add to each row: strength × ρ × the row's topic direction."""
     out = torch.as_tensor(basis.output_scores) if spec.output_scores else None
-    unit = {i: topic_direction(sae, topics[i].as_tensor(unscored="drop"), spec.n_latents, out)
+    unit = {i: topic_direction(sae, topics[i].as_tensor(unscored="drop"), spec.n_latents, out, _contrast(topics[i], spec))
             for i in sorted({j for j in per_row if j is not None})}
     rows = [unit[t] * (s * basis.residual_norm) if t is not None else torch.zeros(sae.d_in)
             for t, s in zip(per_row, strengths, strict=True)]
     return torch.stack(rows).to(sae.W_enc.device)
+
+
+def _contrast(topic: TopicScores, spec: GenerationSpec) -> Tensor | None:
+    if not spec.contrast:
+        return None
+    if topic.contrast is None:
+        raise SaealignError("these topic scores carry no activation contrast (made from the index alone): score "
+                            "the topic with Aligner.topic, or steer with contrast=False")
+    return torch.as_tensor(topic.contrast)
 
 
 def encode_prompt(lm: LoadedModel, i: int, prompt: str, chat: bool, max_new_tokens: int) -> tuple[str, list[int]]:

@@ -31,6 +31,12 @@ AUTO = "auto"
 DEFAULT_METHOD = "add"
 """What a request with a topic and no method gets: chosen by ``saealign eval steer-bench`` (docs/results.md)."""
 
+DEFAULT_STRENGTH: dict[str, float] = {"swap": 1.0, "weight": 1.0, "add": 0.3, "swap_add": 0.3}
+"""What ``strength=None`` (a request that names none) means per method. Swap and Weight: the paper's 1. The
+additive methods: 0.3 × the median residual norm, chosen by ``saealign eval steer-bench`` (docs/results.md):
+the strongest push whose judge perplexity stays near the unsteered text's over the benchmark's 12 topics,
+one global number (no per-topic tuning); ``"auto"`` searches a strength per topic instead."""
+
 STRENGTH_RANGE: dict[str, tuple[float, float]] = {
     "swap": (0.0, 8.0),
     "weight": (0.0, 8.0),
@@ -76,8 +82,9 @@ class GenerationSpec:
     """One of :data:`METHODS`."""
     mode: str = "error"
     """One of :data:`MODES` (the edit-based methods; the additive ones always add to x)."""
-    strength: float | str = AUTO
-    """A number within :data:`STRENGTH_RANGE` for the method, or ``"auto"`` (searched per topic)."""
+    strength: float | str | None = None
+    """A number within :data:`STRENGTH_RANGE` for the method, ``"auto"`` (searched per topic), or None: the
+    method's :data:`DEFAULT_STRENGTH` (resolved on construction, so a spec always holds a number or "auto")."""
     max_new_tokens: int = 64
     top_k: int = 5
     """Sample among the ``top_k`` most likely tokens (the paper: 5)."""
@@ -98,6 +105,9 @@ class GenerationSpec:
     """Additive methods: how many of the best latents build the topic direction."""
     output_scores: bool = True
     """Additive methods: weigh each latent's topic score by its output score (False: topic scores alone)."""
+    contrast: bool = True
+    """Additive methods: weigh each latent also by how much more it fires on the topic texts than on the
+    reference corpus (:mod:`saealign.reference.contrast`; False: M1 scores and output scores alone)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -106,7 +116,8 @@ class GenerationSpec:
             raise SaealignError(f"unknown steering mode {self.mode!r}: use one of {', '.join(MODES)}")
         if self.unscored not in UNSCORED:
             raise SaealignError(f"unknown unscored policy {self.unscored!r}: use one of {', '.join(UNSCORED)}")
-        object.__setattr__(self, "strength", parse_strength(self.strength, self.method))
+        strength = DEFAULT_STRENGTH.get(self.method, 1.0) if self.strength is None else self.strength
+        object.__setattr__(self, "strength", parse_strength(strength, self.method))
         if self.max_new_tokens < 1:
             raise SaealignError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.top_k < 1:

@@ -174,9 +174,10 @@ async function readEvents(response, onEvent) {
 }
 
 function strengthValue() {
-  // "auto" (the server searches the strongest fluent strength per topic) or a number
+  // empty: the method's default (null); "auto": the server searches the strongest fluent strength per topic
   const v = $("strength").value.trim();
-  return v === "" || v === "auto" ? "auto" : Number(v);
+  if (v === "") return null;
+  return v === "auto" ? "auto" : Number(v);
 }
 
 async function streamInto(outputId, summaryId, request, signal) {
