@@ -17,7 +17,6 @@ import time
 
 from saealign.defaults import shared_data_dir
 from saealign.evaluate.bench_topics import load_bench_topics
-from saealign.reference.contrast import activation_contrast, mean_activation
 from saealign.steering.aligner import Aligner
 from saealign.steering.spec import GenerationSpec
 from saealign.steering.strength import neutral_prompts
@@ -44,8 +43,7 @@ def main() -> None:
         t0 = time.perf_counter()
         scores = aligner.index.score(t.align, aligner.embedder)
         t1 = time.perf_counter()
-        scores.contrast = activation_contrast(mean_activation(aligner.lm, aligner.sae, aligner.layer, t.align),
-                                              aligner.reference_mean())
+        aligner.with_contrast(scores)
         t2 = time.perf_counter()
         choice = aligner.auto_strength(scores, GenerationSpec(strength="auto"))
         t3 = time.perf_counter()

@@ -9,13 +9,12 @@ import pytest
 import torch
 
 import saealign.steering.directions as directions
-from conftest import make_llama, make_sae, make_texts, make_tokenizer
+from conftest import build_tiny_index, make_sae, make_texts
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
 from saealign.reference.contrast import activation_contrast, mean_activation
-from saealign.reference.corpus import Corpus
 from saealign.reference.embed import HashingEmbedder
-from saealign.reference.index import IndexConfig, ReferenceIndex, build_index
+from saealign.reference.index import ReferenceIndex
 from saealign.reference.scoring import TopicScores
 from saealign.residual_stream import content_mask, residuals_at, special_token_ids
 from saealign.sae.autoencoder import SAE, sae_key
@@ -33,19 +32,14 @@ def sae() -> SAE:
 
 
 @pytest.fixture(scope="module")
-def lm() -> LoadedModel:
-    return LoadedModel(model=make_llama(), tokenizer=make_tokenizer(), name="tiny", key="tiny", load_seconds=0.0)
+def lm(tiny_lm: LoadedModel) -> LoadedModel:
+    return tiny_lm
 
 
 @pytest.fixture(scope="module")
 def index(lm: LoadedModel, sae: SAE, tmp_path_factory: pytest.TempPathFactory) -> ReferenceIndex:
-    folder: Path = tmp_path_factory.mktemp("index")
     texts = make_texts(48, seed=3)
-    corpus = Corpus(texts, ["x"] * len(texts), ["test"] * len(texts), name="tiny")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAEALIGN_CACHE", str(folder / "cache"))
-        return build_index(lm, sae, corpus, HashingEmbedder(), folder / "idx", IndexConfig(layer=0, shard_size=8),
-                           progress=False)
+    return build_tiny_index(lm, sae, tmp_path_factory.mktemp("index"), texts, ["x"] * len(texts), shard_size=8)
 
 
 def by_hand_mean(lm: LoadedModel, sae: SAE, texts: list[str]) -> np.ndarray:

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import EOS_ID, PAD_ID, make_llama, make_sae, make_texts, make_tokenizer
+from conftest import EOS_ID, PAD_ID, build_tiny_index, make_llama, make_sae, make_texts, make_tokenizer
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
-from saealign.reference.corpus import Corpus
 from saealign.reference.embed import HashingEmbedder
-from saealign.reference.index import IndexConfig, ReferenceIndex, build_index
+from saealign.reference.index import ReferenceIndex
 from saealign.reference.scoring import TopicScores
 from saealign.residual_stream import layer_module
 from saealign.sae.autoencoder import SAE, SAEConfig, sae_key
@@ -208,13 +205,8 @@ def test_prompt_pass_keeps_padding_and_first_positions(lm: LoadedModel, sae: SAE
 # -- with a reference index ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def index(lm: LoadedModel, sae: SAE, tmp_path_factory: pytest.TempPathFactory) -> ReferenceIndex:
-    folder: Path = tmp_path_factory.mktemp("index")
     texts = make_texts(64, seed=1)
-    corpus = Corpus(texts, ["x"] * len(texts), ["test"] * len(texts), name="tiny")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAEALIGN_CACHE", str(folder / "cache"))
-        return build_index(lm, sae, corpus, HashingEmbedder(), folder / "idx", IndexConfig(layer=0, shard_size=8),
-                           progress=False)
+    return build_tiny_index(lm, sae, tmp_path_factory.mktemp("index"), texts, ["x"] * len(texts), shard_size=8)
 
 
 def test_topic_texts_clamp_and_index_checks(lm: LoadedModel, sae: SAE, index: ReferenceIndex) -> None:

@@ -68,9 +68,9 @@ class SteeringHook:
         self.scores = scores
         self.max_act = max_act
         self.weights = weights
+        """Swap/Weight weights overriding ``steering.weights(scores)`` (per-row strengths), or None."""
         self.direction = direction
         """What the additive methods add (``[d_in]`` or ``[batch, d_in]``, scaled), or None."""
-        """Swap/Weight weights overriding ``steering.weights(scores)`` (per-row strengths), or None."""
         self.record = record
         self.contamination: list[Tensor] = []
         """One ``[batch, seq]`` float32 tensor per forward call."""
