@@ -12,6 +12,7 @@ import saealign.steering.directions as directions
 from conftest import EOS_ID, make_llama, make_sae, make_tokenizer
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
+from saealign.reference.contrast import mean_activation
 from saealign.reference.embed import HashingEmbedder
 from saealign.reference.scoring import TopicScores
 from saealign.residual_stream import layer_module
@@ -84,7 +85,9 @@ def test_topic_direction_by_hand(sae: SAE) -> None:
 
 def test_output_scores_match_a_full_forward_and_the_residual_norm(lm: LoadedModel, sae: SAE) -> None:
     prompts = ["the cat sat on the", "a dog runs near the river"]
-    basis = directions.measure_basis(lm, sae, 0, prompts, scale=1.0, n_tokens=3, chunk=50, progress=False)
+    own = ["the cat sat on the mat and slept", "a dog runs"]
+    basis = directions.measure_basis(lm, sae, 0, prompts, own, scale=1.0, n_tokens=3, chunk=50, progress=False)
+    np.testing.assert_allclose(basis.default_mean, mean_activation(lm, sae, 0, own), rtol=1e-6)
     assert basis.output_scores.shape == (sae.d_sae,) and basis.output_scores.max() == pytest.approx(1.0)
     assert basis.output_scores.min() >= 0
     tok, model = lm.tokenizer, lm.model
@@ -132,15 +135,24 @@ def test_rank_scores_by_hand() -> None:
 def test_basis_is_cached_and_a_corrupt_file_is_measured_again(lm: LoadedModel, sae: SAE, tmp_path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = ["the cat sat on the"]
-    first = directions.load_or_measure_basis(lm, sae, 0, prompts, folder=tmp_path, progress=False)
+    calls: list[int] = []
+
+    def own() -> list[str]:
+        calls.append(1)
+        return ["the dog ran home"]
+
+    first = directions.load_or_measure_basis(lm, sae, 0, prompts, own, folder=tmp_path, progress=False)
     monkeypatch.setattr(directions, "measure_basis", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured")))
-    again = directions.load_or_measure_basis(lm, sae, 0, prompts, folder=tmp_path, progress=False)
+    again = directions.load_or_measure_basis(lm, sae, 0, prompts, own, folder=tmp_path, progress=False)
     assert np.array_equal(first.output_scores, again.output_scores) and first.residual_norm == again.residual_norm
+    assert np.array_equal(first.default_mean, again.default_mean) and calls == [1]  # sampled only to measure
     (file,) = tmp_path.glob("basis-*.json")
     data = json.loads(file.read_text())
-    file.write_text(json.dumps({**data, "output_scores": data["output_scores"][:-1]}))
-    with pytest.raises(AssertionError, match="measured"):  # refused, so measured anew
-        directions.load_or_measure_basis(lm, sae, 0, prompts, folder=tmp_path, progress=False)
+    for corrupt in ({"output_scores": data["output_scores"][:-1]}, {"default_mean": [-1.0] * sae.d_sae},
+                    {"version": 2}):
+        file.write_text(json.dumps({**data, **corrupt}))
+        with pytest.raises(AssertionError, match="measured"):  # refused, so measured anew
+            directions.load_or_measure_basis(lm, sae, 0, prompts, own, folder=tmp_path, progress=False)
 
 
 def test_a_model_without_unembedding_says_so(sae: SAE) -> None:
@@ -191,7 +203,7 @@ def test_unscored_latents_neutral_or_dropped(sae: SAE) -> None:
 def test_no_strength_means_the_methods_default() -> None:
     from saealign.steering.spec import DEFAULT_STRENGTH
 
-    assert Spec().method == "add" and Spec().strength == DEFAULT_STRENGTH["add"] == 0.3
+    assert Spec().method == "add" and Spec().strength == DEFAULT_STRENGTH["add"] == 0.25
     assert Spec("swap").strength == 1.0 and Spec("weight", strength=None).strength == 1.0  # the paper's
     assert Spec("add", strength="auto").is_auto and Spec("clamp").strength == 1.0  # clamp ignores it
     assert Spec(**Spec("swap_add").to_json()) == Spec("swap_add")  # resolved once: JSON round-trips

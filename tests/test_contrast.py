@@ -107,23 +107,33 @@ def test_contrast_is_saved_with_the_topic_and_checked(tmp_path: Path, sae: SAE) 
         TopicScores.load(tmp_path / "t")
 
 
-def test_aligner_fills_contrast_from_the_index_or_neutral_text(lm: LoadedModel, sae: SAE, index: ReferenceIndex) -> None:
+def test_aligner_fills_contrast_from_the_index_and_the_models_own_text(lm: LoadedModel, sae: SAE,
+                                                                        index: ReferenceIndex) -> None:
     full = Aligner(lm, sae, 0, index, HashingEmbedder())
+    own = full.default_texts()
+    prompts = neutral_prompts(16)
+    assert len(own) == 4 * len(prompts) and all(t.startswith(p) for t, p in zip(own, prompts * 4, strict=True))
+    assert len(set(own)) > len(prompts)  # the seeds sample different continuations
+    own_mean = by_hand_mean(lm, sae, own)
+    np.testing.assert_allclose(full.steering_basis().default_mean, own_mean, rtol=1e-4, atol=1e-6)
+    # the reference is, per latent, the larger of the corpus's and the model's own text's mean activation
+    reference = np.maximum(index.mean_activation, own_mean)
+    assert (index.mean_activation > own_mean + 1e-4).any() and (own_mean > index.mean_activation + 1e-4).any()
+    np.testing.assert_allclose(full.reference_mean(), reference, rtol=1e-4, atol=1e-6)
     topic = full.topic(TEXTS)
-    want = np.maximum(by_hand_mean(lm, sae, TEXTS) - index.mean_activation, 0)
-    np.testing.assert_allclose(topic.contrast, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(topic.contrast, np.maximum(by_hand_mean(lm, sae, TEXTS) - reference, 0),
+                               rtol=1e-4, atol=1e-6)
 
-    bare = Aligner(lm, sae, 0)  # no index: the package's neutral prompts are the reference
+    bare = Aligner(lm, sae, 0)  # no index: the model's own text alone is the reference
     stripped = TopicScores(topic.scores, topic.g, topic.n_prompts, topic.scored, TEXTS, sae_key=topic.sae_key)
     spec = Spec("add", strength=0.5, greedy=True, max_new_tokens=3)
     bare.generate(["the cat"], stripped, spec)
-    neutral = by_hand_mean(lm, sae, neutral_prompts(16))
-    np.testing.assert_allclose(stripped.contrast, np.maximum(by_hand_mean(lm, sae, TEXTS) - neutral, 0),
+    np.testing.assert_allclose(stripped.contrast, np.maximum(by_hand_mean(lm, sae, TEXTS) - own_mean, 0),
                                rtol=1e-4, atol=1e-6)
 
     # without an Aligner, a topic that carries no contrast is one clear error (or steer without it)
     bare_topic = TopicScores(topic.scores, topic.g, topic.n_prompts, topic.scored, TEXTS)
-    basis = directions.SteeringBasis(np.ones(sae.d_sae, np.float32), 1.0, "k")
+    basis = directions.SteeringBasis(np.ones(sae.d_sae, np.float32), 1.0, "k", np.zeros(sae.d_sae, np.float32))
     with pytest.raises(SaealignError, match="carry no activation contrast"):
         directions_for(sae, spec, [bare_topic], [0], [0.5], basis)
     assert directions_for(sae, Spec("add", contrast=False), [bare_topic], [0], [0.5], basis).shape == (1, sae.d_in)

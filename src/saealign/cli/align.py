@@ -50,8 +50,8 @@ SPEC_OPTIONS = [
     click.option("--output-scores/--no-output-scores", default=True, show_default=True,
                  help="additive methods: weigh latents by their output scores too"),
     click.option("--contrast/--no-contrast", default=True, show_default=True,
-                 help="additive methods: weigh latents by how much more they fire on the topic texts than on the "
-                      "reference corpus"),
+                 help="additive methods: weigh latents by how much more they fire on the topic texts than on "
+                      "reference text (the corpus and the model's own unsteered text)"),
 ]
 SPEC_FIELDS = {f.name for f in fields(GenerationSpec)}
 

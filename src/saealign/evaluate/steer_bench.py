@@ -71,7 +71,8 @@ def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondi
            BenchCondition("prompting + default", default, prompting=True),
            BenchCondition(f"default ({default.method} {default.strength})", default)]
     if default.method in ADDITIVE:
-        out += [BenchCondition(f"{default.method} {s:g}", replace(default, strength=s)) for s in (0.2, 0.4)]
+        out += [BenchCondition(f"{default.method} {s:g}", replace(default, strength=s))
+                for s in (0.2, 0.3, 0.4) if s != default.strength]
         out += [BenchCondition(f"{default.method} auto", replace(default, strength="auto")),
                 BenchCondition(f"{default.method} {default.strength} without contrast", replace(default, contrast=False))]
     out += [BenchCondition("swap 1", GenerationSpec(method="swap", strength=1.0)),

@@ -1,16 +1,19 @@
-"""Activation contrast: how much more each SAE latent fires on a topic's own texts than on the reference corpus.
+"""Activation contrast: how much more each SAE latent fires on a topic's own texts than on reference text.
 
 M1's score says *which* latents belong to a topic (they fire on reference prompts near it). It does not say how
 strongly the topic's own texts use them: a latent can fire on a few near-topic reference prompts and barely at
 all on the topic. The additive methods weigh each latent by
 
-    contrast_i = max(0, mean_t a_i(topic texts) − mean_t a_i(reference corpus))
+    contrast_i = max(0, mean_t a_i(topic texts) − reference_i)
 
 (mean activation per content token), after FGAA (Soo et al. 2025, "Interpretable steering of large language
 models with feature guided activation additions"), which builds its direction from the contrast of the SAE's
-mean activations on target and neutral text. The reference mean comes from the index's exact per-latent
-totals, so it costs nothing; the topic mean is one forward pass over the topic texts (under a second for 30
-texts on the default model), computed when the topic is scored and kept with its :class:`TopicScores`.
+mean activations on target and neutral text. The reference (:meth:`saealign.steering.aligner.Aligner.reference_mean`)
+is, per latent, the larger of its mean on the index's corpus (the index's exact per-latent totals, free) and on
+the model's own unsteered text (measured once per model, SAE and layer with the steering basis): a feature the
+topic shares with either is not what makes the text the topic's. The topic mean is one forward pass over the
+topic texts (under a second for 30 texts on the default model), computed when the topic is scored and kept
+with its :class:`TopicScores`.
 """
 
 from __future__ import annotations

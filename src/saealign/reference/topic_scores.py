@@ -59,8 +59,8 @@ class TopicScores:
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form JSON-serialisable facts cached with the scores (e.g. an automatic strength)."""
     contrast: np.ndarray | None = None
-    """``[L]`` float32 >= 0 or None: how much more each latent fires on the topic texts than on the reference
-    corpus, per token (:mod:`saealign.reference.contrast`); the additive methods weigh latents by it. Filled
+    """``[L]`` float32 >= 0 or None: how much more each latent fires on the topic texts than on reference
+    text, per token (:mod:`saealign.reference.contrast`); the additive methods weigh latents by it. Filled
     by :meth:`saealign.steering.aligner.Aligner.topic` (it needs the model), None from the index alone."""
 
     def __post_init__(self) -> None:

@@ -64,7 +64,7 @@ class ServerGuard:
 
 FALLBACK_STRENGTH = DEFAULT_STRENGTH
 """What ``auto_strength="fallback"`` serves while a topic's search runs: each method's default strength (the
-paper's 1 for Swap/Weight, 0.3 x the residual norm for the additive methods)."""
+paper's 1 for Swap/Weight, 0.25 / 0.3 x the residual norm for add / swap_add)."""
 
 
 class TokenBudget:

@@ -38,7 +38,7 @@ from saealign.sae.autoencoder import SAE, sae_key
 from saealign.steering import plan as planning
 from saealign.steering import strength as search
 from saealign.steering.decoding import Detokenizer, Sampling, decode_steps, row_generator
-from saealign.steering.directions import SteeringBasis, load_or_measure_basis
+from saealign.steering.directions import DEFAULT_TEXT, SteeringBasis, load_or_measure_basis
 from saealign.steering.edits import ADDITIVE
 from saealign.steering.generation import Generation, RowRecord, TokenEvent
 from saealign.steering.plan import Plan, TopicArg
@@ -72,7 +72,6 @@ class Aligner:
         """How ``strength="auto"`` searches (see :mod:`saealign.steering.strength`); replace to change the budget."""
         self._probes: dict[str, NeutralProbe] = {}
         self._basis: SteeringBasis | None = None
-        self._neutral_mean: np.ndarray | None = None
         self.special_ids = special_token_ids(lm.tokenizer)
         """Token ids whose positions are never edited (see :func:`saealign.steering.decoding.decode_steps`)."""
         self.sae_key = sae_key(sae)
@@ -107,7 +106,7 @@ class Aligner:
 
     def with_contrast(self, topic: TopicScores) -> TopicScores:
         """``topic`` with its activation contrast filled in where it lacks one (:mod:`saealign.reference.contrast`):
-        its texts' mean activations against the reference index's, or, without an index, the neutral prompts'."""
+        its texts' mean activations against :meth:`reference_mean`."""
         if topic.contrast is not None:
             return topic
         if not topic.topic_texts:
@@ -118,13 +117,15 @@ class Aligner:
         return topic
 
     def reference_mean(self) -> np.ndarray:
-        """``[d_sae]`` each latent's mean activation per token on reference text: the index's corpus (exact,
-        free), or, for an aligner without an index, the package's neutral prompts (measured once)."""
-        if self.index is not None:
-            return self.index.mean_activation
-        if self._neutral_mean is None:
-            self._neutral_mean = mean_activation(self.lm, self.sae, self.layer, neutral_prompts(16))
-        return self._neutral_mean
+        """``[d_sae]`` what the contrast subtracts: per latent, the larger of its mean activation per token on the
+        index's corpus (exact, free) and on the model's own unsteered text (:attr:`SteeringBasis.default_mean`).
+
+        The corpus alone leaves in every feature the topic texts share with what the model writes anyway (the
+        first-person, chatty register of reviews and requests is far from WordNet glosses), so the push spent
+        itself on register instead of subject; the model's own text alone leaves in everything that is merely
+        un-gloss-like. Without an index, the model's own text is the reference."""
+        default = self.steering_basis().default_mean.astype(np.float64)
+        return default if self.index is None else np.maximum(self.index.mean_activation, default)
 
     def generate(
         self,
@@ -183,8 +184,17 @@ class Aligner:
         """Output scores and residual norm for the additive methods: shipped for the defaults, else measured once
         (a minute or two on a CPU) and cached on disk. See :mod:`saealign.steering.directions`."""
         if self._basis is None:
-            self._basis = load_or_measure_basis(self.lm, self.sae, self.layer, neutral_prompts(4))
+            self._basis = load_or_measure_basis(self.lm, self.sae, self.layer, neutral_prompts(4), self.default_texts)
         return self._basis
+
+    def default_texts(self) -> list[str]:
+        """The model's own unsteered text: every neutral prompt continued with each of :data:`DEFAULT_TEXT`'s seeds
+        (prompt + continuation), what :attr:`SteeringBasis.default_mean` is measured on."""
+        prompts = neutral_prompts(16)
+        spec = GenerationSpec("none", max_new_tokens=DEFAULT_TEXT["max_new_tokens"], top_k=DEFAULT_TEXT["top_k"])
+        seeds = [s for s in range(DEFAULT_TEXT["seeds"]) for _ in prompts]
+        gens = self.generate(prompts * DEFAULT_TEXT["seeds"], None, spec, seed=seeds)
+        return [p + g.text for p, g in zip(prompts * DEFAULT_TEXT["seeds"], gens, strict=True)]
 
     def eos_ids(self) -> set[int]:
         """Token ids that end a row (see :func:`saealign.steering.plan.eos_ids`)."""

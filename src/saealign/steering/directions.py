@@ -18,6 +18,10 @@ lacks. The additive methods add ``strength × ρ × v`` to the residual stream a
   the default SAEs);
 - ``ρ`` is the median norm of the residual stream at that layer over neutral text, so a strength means
   the same push for every model and layer (0.3 = 30 % of a typical residual's length).
+
+The basis also holds each latent's mean activation on the model's *own* unsteered text
+(:data:`DEFAULT_TEXT`): what the model writes when nobody steers it, the second half of the contrast's
+reference (:meth:`saealign.steering.aligner.Aligner.reference_mean`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +42,15 @@ from tqdm.auto import tqdm
 from saealign.cache import atomic_write_bytes, cache_dir, hash_json
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
+from saealign.reference.contrast import mean_activation
 from saealign.residual_stream import content_mask, layer_module, special_token_ids
 from saealign.sae.autoencoder import SAE, sae_key
 
-BASIS_VERSION = 2
+BASIS_VERSION = 3
+
+DEFAULT_TEXT = {"seeds": 4, "max_new_tokens": 48, "top_k": 5}
+"""How the model's own text is sampled for :attr:`SteeringBasis.default_mean`: each neutral prompt continued
+unsteered with these seeds (prompt + continuation are read)."""
 
 
 @dataclass(frozen=True)
@@ -54,20 +63,26 @@ class SteeringBasis:
     """Median residual-stream norm at the layer over content tokens of neutral text."""
     key: str
     """``model-sae-layer`` key the basis holds for."""
+    default_mean: np.ndarray
+    """``[d_sae]`` float32 >= 0: each latent's mean activation per content token on the model's own unsteered
+    continuations of the neutral prompts (:data:`DEFAULT_TEXT`)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"version": BASIS_VERSION, "key": self.key, "residual_norm": self.residual_norm,
-                "output_scores": [float(v) for v in self.output_scores]}
+                "output_scores": [float(v) for v in self.output_scores],
+                "default_mean": [float(v) for v in self.default_mean]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], key: str, d_sae: int) -> SteeringBasis:
         if data.get("version") != BASIS_VERSION or data.get("key") != key:
             raise SaealignError(f"the steering basis on disk is for {data.get('key')!r}, not {key!r}: it is rebuilt")
         scores = np.asarray(data["output_scores"], dtype=np.float32)
+        default_mean = np.asarray(data["default_mean"], dtype=np.float32)
         norm = float(data["residual_norm"])
-        if scores.shape != (d_sae,) or not np.isfinite(scores).all() or not np.isfinite(norm) or norm <= 0:
+        if (scores.shape != (d_sae,) or default_mean.shape != (d_sae,) or not np.isfinite(scores).all()
+                or not np.isfinite(default_mean).all() or (default_mean < 0).any() or not np.isfinite(norm) or norm <= 0):
             raise SaealignError("the steering basis on disk is corrupt (wrong size or non-finite values): it is rebuilt")
-        return cls(scores, norm, key)
+        return cls(scores, norm, key, default_mean)
 
 
 def unit_decoder(sae: SAE) -> Tensor:
@@ -121,9 +136,10 @@ def unembedding(model: Any) -> Tensor:
 
 
 @torch.inference_mode()
-def measure_basis(lm: LoadedModel, sae: SAE, layer: int, prompts: Sequence[str], scale: float = 1.0,
-                  n_tokens: int = 10, chunk: int = 256, progress: bool = True) -> SteeringBasis:
-    """Measure the residual norm and every latent's output score on ``prompts`` (neutral sentence openers).
+def measure_basis(lm: LoadedModel, sae: SAE, layer: int, prompts: Sequence[str], default_texts: Sequence[str],
+                  scale: float = 1.0, n_tokens: int = 10, chunk: int = 256, progress: bool = True) -> SteeringBasis:
+    """Measure the residual norm and every latent's output score on ``prompts`` (neutral sentence openers), and
+    every latent's mean activation on ``default_texts`` (the model's own unsteered text).
 
     For each prompt the prefix is run once (KV cache); then, for every latent in chunks, the last token
     is fed with ``scale × ρ × d_i`` added at the layer, and the probability mass of the latent's top
@@ -189,7 +205,8 @@ def measure_basis(lm: LoadedModel, sae: SAE, layer: int, prompts: Sequence[str],
             gains[start:stop] += gain.double().cpu() / len(encoded)
             bar.update(n)
     bar.close()
-    return SteeringBasis(rank_scores(gains.numpy()), rho, basis_key(lm, sae, layer))
+    default_mean = mean_activation(lm, sae, layer, default_texts).astype(np.float32)
+    return SteeringBasis(rank_scores(gains.numpy()), rho, basis_key(lm, sae, layer), default_mean)
 
 
 def rank_scores(gains: np.ndarray) -> np.ndarray:
@@ -209,10 +226,12 @@ def basis_key(lm: LoadedModel, sae: SAE, layer: int) -> str:
 
 
 def load_or_measure_basis(lm: LoadedModel, sae: SAE, layer: int, prompts: Sequence[str],
-                          folder: Path | None = None, progress: bool = True) -> SteeringBasis:
-    """The basis for this model + SAE + layer from the cache (or a shipped file), measured and saved if absent."""
+                          default_texts: Callable[[], Sequence[str]], folder: Path | None = None,
+                          progress: bool = True) -> SteeringBasis:
+    """The basis for this model + SAE + layer from the cache (or a shipped file), measured and saved if absent
+    (``default_texts`` is called only then: sampling the model's own text is part of the measurement)."""
     key = basis_key(lm, sae, layer)
-    name = f"basis-{hash_json({'key': key, 'prompts': list(prompts), 'v': BASIS_VERSION})[:16]}.json"
+    name = f"basis-{hash_json({'key': key, 'prompts': list(prompts), 'v': BASIS_VERSION, 'default': DEFAULT_TEXT})[:16]}.json"
     shipped = Path(__file__).resolve().parent.parent / "data" / "steering_basis" / name
     path = (folder or cache_dir() / "steering") / name
     for candidate in (shipped, path):
@@ -221,7 +240,7 @@ def load_or_measure_basis(lm: LoadedModel, sae: SAE, layer: int, prompts: Sequen
                 return SteeringBasis.from_json(json.loads(candidate.read_text(encoding="utf-8")), key, sae.d_sae)
             except (SaealignError, ValueError, KeyError, TypeError):
                 continue  # a corrupt or foreign file is measured anew (and overwritten) below
-    basis = measure_basis(lm, sae, layer, prompts, progress=progress)
+    basis = measure_basis(lm, sae, layer, prompts, default_texts(), progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, json.dumps(basis.to_json()).encode())
     return basis

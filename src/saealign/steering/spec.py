@@ -31,9 +31,9 @@ AUTO = "auto"
 DEFAULT_METHOD = "add"
 """What a request with a topic and no method gets: chosen by ``saealign eval steer-bench`` (docs/results.md)."""
 
-DEFAULT_STRENGTH: dict[str, float] = {"swap": 1.0, "weight": 1.0, "add": 0.3, "swap_add": 0.3}
+DEFAULT_STRENGTH: dict[str, float] = {"swap": 1.0, "weight": 1.0, "add": 0.25, "swap_add": 0.3}
 """What ``strength=None`` (a request that names none) means per method. Swap and Weight: the paper's 1. The
-additive methods: 0.3 × the median residual norm, chosen by ``saealign eval steer-bench`` (docs/results.md):
+additive methods: 0.25 (add) and 0.3 (swap_add) × the median residual norm, chosen by ``saealign eval steer-bench`` (docs/results.md):
 the strongest push whose judge perplexity stays near the unsteered text's over the benchmark's 12 topics,
 one global number (no per-topic tuning); ``"auto"`` searches a strength per topic instead."""
 
@@ -106,8 +106,9 @@ class GenerationSpec:
     output_scores: bool = True
     """Additive methods: weigh each latent's topic score by its output score (False: topic scores alone)."""
     contrast: bool = True
-    """Additive methods: weigh each latent also by how much more it fires on the topic texts than on the
-    reference corpus (:mod:`saealign.reference.contrast`; False: M1 scores and output scores alone)."""
+    """Additive methods: weigh each latent also by how much more it fires on the topic texts than on reference
+    text, the corpus and the model's own (:mod:`saealign.reference.contrast`; False: M1 scores and output scores
+    alone)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
