@@ -148,6 +148,8 @@ def test_csv_scores_without_texts_cannot_search_auto(files: Files, tmp_path: Pat
     one_error(run("generate", *stack(files), "the cat", "--strength", "auto", "--scores", tmp_path / "s.csv"),
               "--strength NUMBER")
     one_error(run("generate", *stack(files), "the cat", "--scores", tmp_path / "s.csv"), "--no-contrast")
+    one_error(run("generate", *stack(files), "the cat", "--no-contrast", "--feedback", "--scores", tmp_path / "s.csv"),
+              "--no-feedback")
     assert watched == []
 
 

@@ -21,11 +21,11 @@ from saealign.cli.app import main
 from saealign.errors import SaealignError
 from saealign.serve.app import ServerLimits, create_app
 from saealign.serve.batching import GenerateJob, ModelWorker
-from saealign.serve.limits import FALLBACK_STRENGTH, ServerGuard, TokenBudget
+from saealign.serve.limits import ServerGuard, TokenBudget
 from saealign.serve.searches import StrengthSearches
 from saealign.serve.security import RateLimit
 from saealign.steering.aligner import Aligner
-from saealign.steering.spec import DEFAULT_METHOD, GenerationSpec
+from saealign.steering.spec import DEFAULT_METHOD, DEFAULT_STRENGTH, GenerationSpec
 
 KEY = "s3cret-key-for-tests"
 TOPIC_A = ["the cat sat on the old house", "a small dog runs near the river"]
@@ -189,8 +189,8 @@ def test_known_topics_flow_while_a_new_topic_searches(aligner: Aligner, gate: Ga
 def test_fallback_serves_at_once_at_the_stated_strength(aligner: Aligner, gate: Gate) -> None:
     with serve(aligner, auto_strength="fallback") as url:
         answer = generate(url, TOPIC_B)
-        # the stated fallback of the default method (FALLBACK_STRENGTH)
-        assert answer.status_code == 200 and answer.json()["generations"][0]["strength"] == FALLBACK_STRENGTH[DEFAULT_METHOD]
+        # the stated fallback of the default method (fallback_spec: its default strength)
+        assert answer.status_code == 200 and answer.json()["generations"][0]["strength"] == DEFAULT_STRENGTH[DEFAULT_METHOD]
         assert gate.started.wait(30)  # the search runs meanwhile
         gate.open()
         deadline = time.monotonic() + 60

@@ -52,6 +52,8 @@ SPEC_OPTIONS = [
     click.option("--contrast/--no-contrast", default=True, show_default=True,
                  help="additive methods: weigh latents by how much more they fire on the topic texts than on "
                       "reference text (the corpus and the model's own unsteered text)"),
+    click.option("--feedback/--no-feedback", default=False, show_default=True,
+                 help="additive methods: fade the push as the generated text reads like the topic"),
 ]
 SPEC_FIELDS = {f.name for f in fields(GenerationSpec)}
 
@@ -214,9 +216,10 @@ def _read_scores(path: Path, texts: list[str] | None, spec: GenerationSpec) -> T
     elif spec.is_auto and spec.method in STRENGTH_METHODS:
         raise SaealignError(f"--scores {path} holds scores only, and --strength auto measures distance to the topic "
                             "texts: give --strength NUMBER, or the texts with --topic-file/--topic")
-    elif spec.method in ADDITIVE and spec.contrast:
-        raise SaealignError(f"--scores {path} holds scores only, and {spec.method} weighs latents by their activation "
-                            "on the topic texts: give the texts with --topic-file/--topic, or --no-contrast")
+    elif spec.method in ADDITIVE and (spec.contrast or spec.feedback):
+        raise SaealignError(f"--scores {path} holds scores only, and {spec.method} reads the topic texts' activations "
+                            f"({'contrast' if spec.contrast else 'feedback'}): give the texts with --topic-file/--topic, "
+                            f"or steer with {'--no-contrast' if spec.contrast else '--no-feedback'}")
     return topic
 
 

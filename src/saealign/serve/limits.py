@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
 from saealign.serve.schemas import ApiError
 from saealign.steering.plan import encode_prompt
-from saealign.steering.spec import DEFAULT_STRENGTH, GenerationSpec
+from saealign.steering.spec import GenerationSpec
 
 AUTO_POLICIES = ("wait", "fallback", "off")
 
@@ -40,7 +40,7 @@ class ServerGuard:
     """Token slots of one model call when the worker batches several requests together."""
     auto_strength: str = "wait"
     """``strength=auto`` for a topic whose search has not run: ``wait`` for it (on its own thread and model
-    copy: other requests keep flowing), serve at :data:`FALLBACK_STRENGTH` at once (``fallback``; the search
+    copy: other requests keep flowing), serve at :func:`fallback_spec`'s strength at once (``fallback``; the search
     runs meanwhile), or refuse ``auto`` (``off``: no search, no model copy)."""
     max_searches: int = 4
     """Strength searches running or queued; a request that would start one more gets 429."""
@@ -62,9 +62,10 @@ class ServerGuard:
         return out | {"api_key_required": self.api_key is not None}
 
 
-FALLBACK_STRENGTH = DEFAULT_STRENGTH
-"""What ``auto_strength="fallback"`` serves while a topic's search runs: each method's default strength (the
-paper's 1 for Swap/Weight, 0.25 / 0.3 x the residual norm for add / swap_add)."""
+def fallback_spec(spec: GenerationSpec) -> GenerationSpec:
+    """What ``auto_strength="fallback"`` serves while a topic's search runs: ``spec`` at its method's default
+    strength (the paper's 1 for Swap/Weight; add 0.25, or 0.35 with feedback; swap_add 0.3)."""
+    return replace(spec, strength=None)
 
 
 class TokenBudget:

@@ -8,7 +8,7 @@ topic's ``extra["auto_strength"]``, where the model worker's :class:`Aligner` fi
 reach the worker with a number, so the worker itself never searches.
 
 While a topic's search runs, a request for it waits (``wait``, the default) or is served at once at
-:data:`~saealign.serve.limits.FALLBACK_STRENGTH` (``fallback``; its answer reports the strength used).
+:func:`~saealign.serve.limits.fallback_spec` (``fallback``; its answer reports the strength used).
 Requests for known topics, and for numeric strengths, never wait for a search.
 """
 
@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from saealign.reference.scoring import TopicScores
-from saealign.serve.limits import FALLBACK_STRENGTH, ServerGuard
+from saealign.serve.limits import ServerGuard, fallback_spec
 from saealign.serve.schemas import ApiError
 from saealign.steering.aligner import Aligner
 from saealign.steering.spec import STRENGTH_METHODS, GenerationSpec
@@ -84,7 +84,7 @@ class StrengthSearches:
             return spec  # the worker's Aligner finds the choice on the topic: auto rows still batch together
         future = self._start(topic, spec)
         if self.guard.auto_strength == "fallback":
-            return spec.with_strength(FALLBACK_STRENGTH[spec.method])
+            return fallback_spec(spec)
         await asyncio.shield(future)  # a client that goes away does not cancel the search: its result is kept
         return spec
 

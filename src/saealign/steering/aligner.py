@@ -111,7 +111,7 @@ class Aligner:
             return topic
         if not topic.topic_texts:
             raise SaealignError("these topic scores hold no topic texts to measure the activation contrast on: "
-                                "re-score the topic, or steer with contrast=False")
+                                "re-score the topic, or steer with contrast=False and feedback=False")
         topic_mean = mean_activation(self.lm, self.sae, self.layer, topic.topic_texts)
         topic.contrast = activation_contrast(topic_mean, self.reference_mean())
         return topic
@@ -212,7 +212,7 @@ class Aligner:
                             for i, p in enumerate(prompts)), strict=True)
         topics, per_row = planning.resolve_topics(topic, topic_per_row, len(prompts), self.topic, self.sae_key,
                                                   self.sae.d_sae)
-        if spec.method in ADDITIVE and spec.contrast:
+        if spec.method in ADDITIVE and (spec.contrast or spec.feedback):
             topics = [self.with_contrast(t) for t in topics]
         if spec.needs_topic and not topics:
             raise SaealignError(f"method {spec.method!r} needs a topic: pass topic= (scores or topic texts)")
@@ -226,7 +226,8 @@ class Aligner:
             assert self.index is not None
             max_act = torch.as_tensor(self.index.latent_max_act, device=self.sae.W_enc.device)
         basis = self.steering_basis() if spec.method in ADDITIVE and topics else None
-        hook = planning.make_hook(self.sae, spec, topics, per_row, strengths, max_act, basis)
+        reference = self.reference_mean() if spec.method in ADDITIVE and spec.feedback and topics else None
+        hook = planning.make_hook(self.sae, spec, topics, per_row, strengths, max_act, basis, reference)
         generators = [row_generator(s, t) for s, t in zip(seeds, texts, strict=True)]
         return Plan(prompts, list(rows), generators, seeds, per_row, hook, strengths, spec)
 

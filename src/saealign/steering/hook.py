@@ -17,6 +17,7 @@ from torch.utils.hooks import RemovableHandle
 from saealign.errors import SaealignError
 from saealign.sae.autoencoder import SAE
 from saealign.steering.edits import ADDITIVE, Steering, apply_edit
+from saealign.steering.feedback import TopicFeedback
 
 
 def _with_hidden(output: object, hidden: Tensor) -> object:
@@ -49,7 +50,10 @@ class SteeringHook:
         record: bool = True,
         weights: Tensor | None = None,
         direction: Tensor | None = None,
+        feedback: TopicFeedback | None = None,
     ) -> None:
+        if feedback is not None and direction is None:
+            raise SaealignError("the topic feedback fades an additive push: it needs a direction")
         if steering.method in ADDITIVE and (direction is None or direction.shape[-1] != sae.d_in):
             raise SaealignError(f"{steering.method} needs a topic direction of {sae.d_in} values per row")
         if weights is not None and weights.shape != scores.shape:
@@ -71,6 +75,9 @@ class SteeringHook:
         """Swap/Weight weights overriding ``steering.weights(scores)`` (per-row strengths), or None."""
         self.direction = direction
         """What the additive methods add (``[d_in]`` or ``[batch, d_in]``, scaled), or None."""
+        self.feedback = feedback
+        """Fades :attr:`direction` per row as the generated text turns to the topic
+        (:mod:`saealign.steering.feedback`), or None: the push stays constant."""
         self.record = record
         self.contamination: list[Tensor] = []
         """One ``[batch, seq]`` float32 tensor per forward call."""
@@ -89,7 +96,14 @@ class SteeringHook:
         if self.steering.method == "none" and not self.record:
             return None  # nothing to change and nothing to measure: skip the SAE entirely
         hidden = output if isinstance(output, Tensor) else output[0]  # type: ignore[index]
-        res = apply_edit(self.sae, hidden, self.steering, self.scores, self.max_act, self.weights, self.direction)
+        direction = self.direction
+        if self.feedback is not None and direction is not None:
+            with torch.no_grad():
+                acts = self.sae.activate(self.sae.pre(hidden))
+            rows = direction.expand(hidden.shape[0], -1) if direction.dim() == 1 else direction
+            keep = None if self.keep is None else self.keep.to(hidden.device)
+            direction = rows * self.feedback.scale(acts, keep).to(rows.device, rows.dtype)
+        res = apply_edit(self.sae, hidden, self.steering, self.scores, self.max_act, self.weights, direction)
         out, contam, n_changed, n_active = res.out, res.contamination, res.n_changed, res.n_active
         if self.keep is not None:
             keep = self.keep.to(hidden.device)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -20,6 +21,7 @@ from saealign.reference.scoring import TopicScores
 from saealign.sae.autoencoder import SAE
 from saealign.steering.directions import SteeringBasis, topic_direction
 from saealign.steering.edits import ADDITIVE, Steering
+from saealign.steering.feedback import TopicFeedback
 from saealign.steering.hook import SteeringHook
 from saealign.steering.spec import STRENGTH_METHODS, GenerationSpec, parse_strength
 
@@ -90,6 +92,18 @@ def _contrast(topic: TopicScores, spec: GenerationSpec) -> Tensor | None:
         raise SaealignError("these topic scores carry no activation contrast (made from the index alone): score "
                             "the topic with Aligner.topic, or steer with contrast=False")
     return torch.as_tensor(topic.contrast)
+
+
+def _feedback(spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
+              reference: np.ndarray | None) -> TopicFeedback | None:
+    if not spec.feedback:
+        return None
+    contrasts = [topics[t].contrast if t is not None else None for t in per_row]
+    if reference is None or any(c is None for c, t in zip(contrasts, per_row, strict=True) if t is not None):
+        raise SaealignError("the topic feedback reads the topic's activation contrast and the reference mean: "
+                            "steer through Aligner.generate, or with feedback=False")
+    known = next(c for c in contrasts if c is not None)  # a row without a topic gets no push: any contrast will do
+    return TopicFeedback([known if c is None else c for c in contrasts], reference)
 
 
 def encode_prompt(lm: LoadedModel, i: int, prompt: str, chat: bool, max_new_tokens: int) -> tuple[str, list[int]]:
@@ -170,8 +184,10 @@ def resolve_topics(
 
 def make_hook(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
               strengths: list[float], max_act: Tensor | None,
-              basis: SteeringBasis | None = None) -> SteeringHook | None:
-    """The hook that steers (and measures) the batch; None when nothing is edited or measured."""
+              basis: SteeringBasis | None = None, reference: np.ndarray | None = None) -> SteeringHook | None:
+    """The hook that steers (and measures) the batch; None when nothing is edited or measured.
+
+    ``reference`` (the contrast's reference mean) is needed by the topic feedback (``spec.feedback``)."""
     device = sae.W_enc.device
     if not topics:
         if spec.method == "sae":  # nothing to measure without a topic, but the SAE still edits
@@ -186,7 +202,8 @@ def make_hook(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], per_row
         direction = directions_for(sae, spec, topics, per_row, strengths, basis)
         if scores.dim() == 1:
             scores = scores.expand(len(per_row), -1).contiguous()
-        return SteeringHook(sae, steering(spec, 1.0), scores, max_act, direction=direction)
+        return SteeringHook(sae, steering(spec, 1.0), scores, max_act, direction=direction,
+                            feedback=_feedback(spec, topics, per_row, reference))
     weights = None
     if len(set(strengths)) > 1:  # rows steered with different strengths: one weight vector per row
         if scores.dim() == 1:

@@ -33,9 +33,12 @@ DEFAULT_METHOD = "add"
 
 DEFAULT_STRENGTH: dict[str, float] = {"swap": 1.0, "weight": 1.0, "add": 0.25, "swap_add": 0.3}
 """What ``strength=None`` (a request that names none) means per method. Swap and Weight: the paper's 1. The
-additive methods: 0.25 (add) and 0.3 (swap_add) × the median residual norm, chosen by ``saealign eval steer-bench`` (docs/results.md):
-the strongest push whose judge perplexity stays near the unsteered text's over the benchmark's 12 topics,
-one global number (no per-topic tuning); ``"auto"`` searches a strength per topic instead."""
+additive methods: 0.25 (add) and 0.3 (swap_add) × the median residual norm, chosen by ``saealign eval
+steer-bench`` (docs/results.md): the strongest push whose judge perplexity stays near the unsteered text's over
+the benchmark's 12 topics, one global number (no per-topic tuning); ``"auto"`` searches a strength per topic
+instead."""
+FEEDBACK_STRENGTH: dict[str, float] = {**DEFAULT_STRENGTH, "add": 0.35}
+"""The same with ``feedback=True``: the push is full only while the text is off topic, so add's is higher."""
 
 STRENGTH_RANGE: dict[str, tuple[float, float]] = {
     "swap": (0.0, 8.0),
@@ -109,6 +112,10 @@ class GenerationSpec:
     """Additive methods: weigh each latent also by how much more it fires on the topic texts than on reference
     text, the corpus and the model's own (:mod:`saealign.reference.contrast`; False: M1 scores and output scores
     alone)."""
+    feedback: bool = False
+    """Additive methods: fade the push, row by row, as the generated text reads like the topic
+    (:mod:`saealign.steering.feedback`; False: a constant push). Its default strength is higher
+    (:data:`FEEDBACK_STRENGTH`). Off by default: on the benchmark it lands on the constant push's frontier."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -117,7 +124,8 @@ class GenerationSpec:
             raise SaealignError(f"unknown steering mode {self.mode!r}: use one of {', '.join(MODES)}")
         if self.unscored not in UNSCORED:
             raise SaealignError(f"unknown unscored policy {self.unscored!r}: use one of {', '.join(UNSCORED)}")
-        strength = DEFAULT_STRENGTH.get(self.method, 1.0) if self.strength is None else self.strength
+        defaults = FEEDBACK_STRENGTH if self.feedback else DEFAULT_STRENGTH
+        strength = defaults.get(self.method, 1.0) if self.strength is None else self.strength
         object.__setattr__(self, "strength", parse_strength(strength, self.method))
         if self.max_new_tokens < 1:
             raise SaealignError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
