@@ -76,7 +76,8 @@ def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondi
         out += [BenchCondition(f"{default.method} auto", replace(default, strength="auto")),
                 BenchCondition(f"{default.method} {default.strength} without contrast", replace(default, contrast=False))]
         if not default.feedback:
-            out += [BenchCondition(f"{default.method} 0.35 with feedback", replace(default, feedback=True, strength=0.35))]
+            faded = replace(default, feedback=True, strength=None)  # the feedback's own default strength
+            out += [BenchCondition(f"{default.method} {faded.strength} with feedback", faded)]
     out += [BenchCondition("swap 1", GenerationSpec(method="swap", strength=1.0)),
             BenchCondition("swap_add 0.3", GenerationSpec(method="swap_add", strength=0.3))]
     return out

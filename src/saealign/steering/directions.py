@@ -5,7 +5,7 @@ lacks. The additive methods add ``strength × ρ × v`` to the residual stream a
 
 - ``v`` is the unit vector along ``Σ_i w_i · d_i / |d_i|`` over the ``n_latents`` latents of largest
   ``w_i = score_i × output_i × contrast_i`` (``d_i`` the decoder row of latent i, ``score_i`` its M1 topic
-  score, ``contrast_i`` how much more it fires on the topic texts than on the reference corpus,
+  score, ``contrast_i`` how much more it fires on the topic texts than on reference text,
   :mod:`saealign.reference.contrast`; each factor can be left out with the spec's ``output_scores`` and
   ``contrast``);
 - ``output_i`` is the latent's *output score* (after Arad, Mueller & Belinkov 2025, "SAEs are good for

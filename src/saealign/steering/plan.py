@@ -85,25 +85,27 @@ def directions_for(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], pe
     return torch.stack(rows).to(sae.W_enc.device)
 
 
-def _contrast(topic: TopicScores, spec: GenerationSpec) -> Tensor | None:
-    if not spec.contrast:
-        return None
+def _topic_contrast(topic: TopicScores, option: str) -> np.ndarray:
+    """The topic's activation contrast, or one error naming the spec option that needs it."""
     if topic.contrast is None:
         raise SaealignError("these topic scores carry no activation contrast (made from the index alone): score "
-                            "the topic with Aligner.topic, or steer with contrast=False")
-    return torch.as_tensor(topic.contrast)
+                            f"the topic with Aligner.topic, or steer with {option}=False")
+    return topic.contrast
+
+
+def _contrast(topic: TopicScores, spec: GenerationSpec) -> Tensor | None:
+    return torch.as_tensor(_topic_contrast(topic, "contrast")) if spec.contrast else None
 
 
 def _feedback(spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
               reference: np.ndarray | None) -> TopicFeedback | None:
     if not spec.feedback:
         return None
-    contrasts = [topics[t].contrast if t is not None else None for t in per_row]
-    if reference is None or any(c is None for c, t in zip(contrasts, per_row, strict=True) if t is not None):
-        raise SaealignError("the topic feedback reads the topic's activation contrast and the reference mean: "
-                            "steer through Aligner.generate, or with feedback=False")
-    known = next(c for c in contrasts if c is not None)  # a row without a topic gets no push: any contrast will do
-    return TopicFeedback([known if c is None else c for c in contrasts], reference)
+    if reference is None:
+        raise SaealignError("the topic feedback reads the reference mean: steer through Aligner.generate, or with "
+                            "feedback=False")
+    known = next(t for t in per_row if t is not None)  # a row without a topic gets no push: any contrast will do
+    return TopicFeedback([_topic_contrast(topics[known if t is None else t], "feedback") for t in per_row], reference)
 
 
 def encode_prompt(lm: LoadedModel, i: int, prompt: str, chat: bool, max_new_tokens: int) -> tuple[str, list[int]]:
