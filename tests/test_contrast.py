@@ -16,7 +16,8 @@ from saealign.reference.contrast import activation_contrast, mean_activation
 from saealign.reference.embed import HashingEmbedder
 from saealign.reference.index import ReferenceIndex
 from saealign.reference.scoring import TopicScores
-from saealign.residual_stream import content_mask, residuals_at, special_token_ids
+from saealign.reference.statistics import prompt_statistics
+from saealign.residual_stream import content_mask, layer_module, residuals_at, special_token_ids
 from saealign.sae.autoencoder import SAE, sae_key
 from saealign.steering.aligner import Aligner
 from saealign.steering.plan import directions_for
@@ -42,12 +43,15 @@ def index(lm: LoadedModel, sae: SAE, tmp_path_factory: pytest.TempPathFactory) -
     return build_tiny_index(lm, sae, tmp_path_factory.mktemp("index"), texts, ["x"] * len(texts), shard_size=8)
 
 
-def by_hand_mean(lm: LoadedModel, sae: SAE, texts: list[str]) -> np.ndarray:
-    """One text at a time, no batching: the SAE's activations summed over content tokens, over their count."""
+def by_hand_mean(lm: LoadedModel, sae: SAE, texts: list[str], skip: int | None = None) -> np.ndarray:
+    """One text at a time, no batching: the SAE's activations summed over content tokens (but position ``skip``),
+    over their count."""
     total, count = np.zeros(sae.d_sae), 0
     for t in texts:
         ids = torch.tensor([lm.tokenizer(t)["input_ids"]])
         keep = content_mask(ids, torch.ones_like(ids), special_token_ids(lm.tokenizer))[0]
+        if skip is not None:
+            keep[skip] = False
         acts = sae.encode(residuals_at(lm.model, 0, ids, torch.ones_like(ids))[0][keep]).double()
         total += acts.sum(0).numpy()
         count += int(keep.sum())
@@ -59,6 +63,26 @@ def test_mean_activation_by_hand(lm: LoadedModel, sae: SAE) -> None:
     np.testing.assert_allclose(got, by_hand_mean(lm, sae, TEXTS), rtol=1e-5, atol=1e-6)
     with pytest.raises(SaealignError, match="no content tokens"):
         mean_activation(lm, sae, 0, [""])
+
+
+def test_mean_activation_leaves_out_a_later_attention_sink(lm: LoadedModel, sae: SAE) -> None:
+    # blow the residual at the third position up 1000-fold in every text, as a second attention sink would:
+    # the mean is then the by-hand mean without that position, while the index's statistics keep it
+    def sink(_mod: object, _inp: object, output: object) -> object:
+        hidden = (output if isinstance(output, torch.Tensor) else output[0]).clone()  # type: ignore[index]
+        hidden[:, 2] *= 1000
+        return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])  # type: ignore[index]
+
+    handle = layer_module(lm.model, 0).register_forward_hook(sink)
+    try:
+        got = mean_activation(lm, sae, 0, TEXTS)
+        expected = by_hand_mean(lm, sae, TEXTS, skip=2)
+        act_sum, _, _, n_tokens = prompt_statistics(lm, sae, 0, TEXTS)  # as the index is built
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    kept = np.asarray(act_sum.sum(axis=0)).ravel() / n_tokens.sum()
+    assert kept.max() > 100 * max(got.max(), 1e-6)
 
 
 def test_contrast_is_the_clipped_difference() -> None:

@@ -17,6 +17,7 @@ from saealign.residual_stream import (
     content_mask,
     decoder_layers,
     layer_module,
+    massive_positions,
     residuals_at,
     residuals_at_layers,
     special_token_ids,
@@ -220,6 +221,18 @@ def test_content_mask_without_special_ids_still_drops_first_and_padding():
     ids = torch.tensor([[5, 6, 7], [0, 5, 6]])
     mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
     assert torch.equal(content_mask(ids, mask, set()), torch.tensor([[False, True, True], [False, False, True]]))
+
+
+def test_massive_positions_by_hand():
+    # norms 1, 2, 3, 50, 2, 1000 (pad): the median of the kept norms is 2, so only norms above 20 count,
+    # and a position outside ``keep`` (here the padded one) never does
+    norms = torch.tensor([[1.0, 2.0, 3.0], [50.0, 2.0, 1000.0]])
+    hidden = torch.zeros(2, 3, 4)
+    hidden[..., 0] = norms
+    keep = torch.tensor([[True, True, True], [True, True, False]])
+    assert torch.equal(massive_positions(hidden, keep), torch.tensor([[False, False, False], [True, False, False]]))
+    assert torch.equal(massive_positions(hidden, keep, factor=1.4), torch.tensor([[False, False, True], [True, False, False]]))
+    assert not massive_positions(hidden, torch.zeros_like(keep)).any()
 
 
 def test_content_mask_ignores_special_ids_in_padding():

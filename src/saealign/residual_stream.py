@@ -2,7 +2,8 @@
 
 "Layer L" everywhere in saealign means the residual stream *after* decoder block L (0-based), the
 SAELens hook ``blocks.L.hook_resid_post``, i.e. ``hidden_states[L + 1]`` of a HF forward pass.
-Also here: which token positions count (:func:`content_mask`, :func:`special_token_ids`).
+Also here: which token positions count (:func:`content_mask`, :func:`special_token_ids`,
+:func:`massive_positions`).
 """
 
 from __future__ import annotations
@@ -118,3 +119,24 @@ def content_mask(input_ids: Tensor, attention_mask: Tensor, special_ids: set[int
         special = torch.isin(input_ids, torch.tensor(sorted(special_ids), device=input_ids.device))
         mask = mask & ~special
     return mask
+
+
+MASSIVE_FACTOR = 10.0
+"""A position whose residual norm exceeds this many times the median of the batch's counted positions is a
+massive activation (an attention sink): typical norms sit within 2x of the median, sinks 100x above it."""
+
+
+def massive_positions(hidden: Tensor, keep: Tensor, factor: float = MASSIVE_FACTOR) -> Tensor:
+    """Counted positions (``keep``) whose residual norm is more than ``factor`` x the median of those positions.
+
+    :func:`content_mask` leaves out the first position, the usual attention sink, but some texts grow a
+    second one later on: SmolLM2 gives "let me know ..." a norm of ~23,000 on its second token, where
+    content tokens read ~190 at layer 15. The SAE codes such a residual with latents at thousands, so a
+    single sink among a few short texts outweighs everything the texts are about in a mean activation.
+    ``hidden [b, s, d], keep bool [b, s] -> bool [b, s]`` (False everywhere when nothing is kept).
+    """
+    norms = hidden.float().norm(dim=-1)
+    if not bool(keep.any()):
+        return torch.zeros_like(keep)
+    median = norms[keep].median()
+    return keep & (norms > factor * median)

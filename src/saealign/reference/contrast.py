@@ -29,8 +29,11 @@ from saealign.sae.autoencoder import SAE
 
 
 def mean_activation(lm: LoadedModel, sae: SAE, layer: int, texts: Sequence[str]) -> np.ndarray:
-    """``[d_sae]`` float64: each latent's activation summed over the content tokens of ``texts``, per token."""
-    act_sum, _max, _count, n_tokens = prompt_statistics(lm, sae, layer, list(texts))
+    """``[d_sae]`` float64: each latent's activation summed over the content tokens of ``texts``, per token.
+
+    Attention sinks past the first position are left out (:func:`saealign.residual_stream.massive_positions`):
+    one of them in 30 short requests made four sink latents the whole of a travel topic's direction."""
+    act_sum, _max, _count, n_tokens = prompt_statistics(lm, sae, layer, list(texts), drop_massive=True)
     total = int(np.sum(n_tokens))
     if total == 0:
         raise SaealignError("the topic texts have no content tokens (empty, or special tokens only): "

@@ -24,18 +24,21 @@ import torch
 from saealign.models import LoadedModel
 from saealign.reference.codec import encode
 from saealign.reference.shards import Shard
-from saealign.residual_stream import content_mask, residuals_at, special_token_ids
+from saealign.residual_stream import content_mask, massive_positions, residuals_at, special_token_ids
 from saealign.sae.autoencoder import SAE
 
 
 @torch.inference_mode()
 def prompt_statistics(
-    lm: LoadedModel, sae: SAE, layer: int, texts: list[str], max_seq_len: int = 128, batch_size: int = 32
+    lm: LoadedModel, sae: SAE, layer: int, texts: list[str], max_seq_len: int = 128, batch_size: int = 32,
+    drop_massive: bool = False,
 ) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
     """SAE statistics of ``texts``: ``(CSR [n, L] of act_sum, act_max data, act_count data, n_tokens [n])``.
 
     Content tokens only (first position and special tokens left out, as in SAE training). Inputs go
-    to the model's device; batches are sorted by length so little is padded.
+    to the model's device; batches are sorted by length so little is padded. ``drop_massive`` also leaves
+    out later attention sinks (:func:`saealign.residual_stream.massive_positions`); the index is built
+    without it, so that its shipped statistics stay what they were.
     """
     tok = lm.tokenizer
     special = special_token_ids(tok)
@@ -56,8 +59,12 @@ def prompt_statistics(
         for j, r in enumerate(rows):
             ids[j, : len(enc[r])] = torch.tensor(enc[r])
             mask[j, : len(enc[r])] = 1
-        keep = content_mask(ids, mask, special)
-        x = residuals_at(lm.model, layer, ids.to(device), mask.to(device))[keep.to(device)]
+        keep = content_mask(ids, mask, special).to(device)
+        hidden = residuals_at(lm.model, layer, ids.to(device), mask.to(device))
+        if drop_massive:
+            keep = keep & ~massive_positions(hidden, keep)
+        x = hidden[keep]
+        keep = keep.cpu()
         acts = sae.encode(x).float().cpu()
         token, latent = acts.nonzero(as_tuple=True)
         owner = torch.tensor(rows)[keep.nonzero()[:, 0]]
