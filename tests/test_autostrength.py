@@ -56,12 +56,22 @@ def test_choice_meets_the_budget_on_the_fitted_curve(sae: SAE) -> None:
         a, b = choice.fit
         assert (a, b) == auto_mod.fit_curve([t["strength"] for t in choice.trials], [t["log_ratio"] for t in choice.trials])
         want = auto_mod.solve_budget(a, b, budget, max(FAST.strengths))
-        below = [t for t in choice.trials if t["strength"] <= want + 1e-9] or choice.trials[:1]
-        if below[-1]["distance"] < choice.base_distance:
+        s = np.array([t["strength"] for t in choice.trials])
+        slope = float(s @ (np.array([t["distance"] for t in choice.trials]) - choice.base_distance) / (s @ s))
+        if slope < 0:
             assert choice.strength == pytest.approx(want, abs=1e-4)
             assert a * want + b * want**2 <= math.log1p(budget) + 1e-9
+            assert choice.distance == pytest.approx(choice.base_distance + slope * choice.strength, rel=1e-4)
         else:
             assert choice.strength == 0.0 and "steering off" in choice.note
+            assert choice.distance == choice.base_distance
+
+
+def test_distance_slope_is_least_squares_through_the_unsteered_distance() -> None:
+    # distances 1.0 - 0.5 s exactly: slope -0.5; one noisy candidate above the base no longer decides alone
+    assert auto_mod.distance_slope([0.1, 0.2, 0.4], [0.95, 0.9, 0.8], 1.0) == pytest.approx(-0.5)
+    assert auto_mod.distance_slope([0.15, 0.3, 0.45, 0.6], [1.26, 1.13, 1.13, 1.13], 1.21) < 0  # law, run 4
+    assert auto_mod.distance_slope([0.1, 0.2], [1.1, 1.3], 1.0) == pytest.approx((0.01 + 0.06) / 0.05)
 
 
 def test_fit_and_solve_are_exact_on_a_quadratic() -> None:
