@@ -177,6 +177,14 @@ def test_absurd_strengths_are_refused_before_the_model_loads(files: Files, stren
     assert watched == []
 
 
+def test_a_bad_prompt_boost_is_refused_before_the_model_loads(files: Files, watched: list[str]) -> None:
+    one_error(run("generate", *stack(files), "the cat", "--topic-file", files.topic, "--prompt-boost", "-1"),
+              "prompt_boost must be a number from 0 to 10")
+    one_error(run("generate", *stack(files), "the cat", "--topic-file", files.topic, "--strength", "1.5",
+                  "--prompt-boost", "2"), "pushes the prompt past add's largest strength")
+    assert watched == []
+
+
 def test_strength_help_prints_no_double_percent() -> None:
     result = run("generate", "--help")
     assert result.exit_code == 0 and "%%" not in result.output and "--strength" in result.output

@@ -154,6 +154,8 @@ def test_one_topic_shape_in_every_route_and_every_spec_field(client: httpx.Clien
     assert both.status_code == 400 and "give the topic once" in both.json()["error"]
     huge = client.post("/v1/generate", json={**body, "method": "swap", "strength": 1e308, "topic": tid})
     assert huge.status_code == 400 and "strength for swap must be between 0 and 8" in huge.json()["error"]
+    boost = client.post("/v1/generate", json={**body, "method": "add", "prompt_boost": 40, "topic": tid})
+    assert boost.status_code == 400 and "prompt_boost must be a number from 0 to 10" in boost.json()["error"]
     health = client.get("/health").json()
     assert health["methods"] == ["none", "sae", "clamp", "swap", "weight", "add", "swap_add"]
 

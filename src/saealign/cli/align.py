@@ -21,7 +21,15 @@ from saealign.cli.common import (
 )
 from saealign.errors import SaealignError
 from saealign.steering.edits import ADDITIVE
-from saealign.steering.spec import DEFAULT_METHOD, METHODS, MODES, STRENGTH_METHODS, UNSCORED, GenerationSpec
+from saealign.steering.spec import (
+    DEFAULT_METHOD,
+    DEFAULT_PROMPT_BOOST,
+    METHODS,
+    MODES,
+    STRENGTH_METHODS,
+    UNSCORED,
+    GenerationSpec,
+)
 
 if TYPE_CHECKING:
     from saealign.reference.scoring import TopicScores
@@ -54,6 +62,8 @@ SPEC_OPTIONS = [
                       "reference text (the corpus and the model's own unsteered text)"),
     click.option("--feedback/--no-feedback", default=False, show_default=True,
                  help="additive methods: fade the push as the generated text reads like the topic"),
+    click.option("--prompt-boost", type=float, default=DEFAULT_PROMPT_BOOST, show_default=True,
+                 help="additive methods: push the prompt this many times harder than each generated token"),
 ]
 SPEC_FIELDS = {f.name for f in fields(GenerationSpec)}
 

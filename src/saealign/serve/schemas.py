@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from saealign.errors import SaealignError
 from saealign.reference.scoring import METRICS, SUMMARIES
-from saealign.steering.spec import DEFAULT_METHOD, METHODS, MODES, UNSCORED
+from saealign.steering.spec import DEFAULT_METHOD, DEFAULT_PROMPT_BOOST, METHODS, MODES, UNSCORED
 
 Method = Literal[METHODS]  # type: ignore[valid-type]
 Mode = Literal[MODES]  # type: ignore[valid-type]
@@ -92,6 +92,8 @@ class SteeringOptions(BaseModel):
                                                      "model's own unsteered text)")
     feedback: bool = Field(default=False, description="additive methods: fade the push as the generated text reads "
                                                      "like the topic")
+    prompt_boost: float = Field(default=DEFAULT_PROMPT_BOOST, description="additive methods: push the prompt this many "
+                                                                        "times harder than each generated token")
     top_k: int = 5
     greedy: bool = False
 

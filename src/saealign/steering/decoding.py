@@ -169,6 +169,7 @@ def decode_steps(
     layer: nn.Module | None = None,
     steer_prompt: bool = True,
     unedited_ids: set[int] | None = None,
+    prompt_boost: float = 1.0,
 ) -> Iterator[Step]:
     """Generate from the token-id ``rows`` (one prompt each), yielding one :class:`Step` per new token.
 
@@ -177,7 +178,8 @@ def decode_steps(
     the last prompt position for j = 0, generated position j − 1 afterwards. Stops when every row is
     finished; finished rows are fed the pad id, which only they see. Positions holding one of
     ``unedited_ids`` (the tokenizer's special tokens: chat markers, a fed-back end of turn) pass through
-    unedited, as the SAE's training data and the reference index leave them out.
+    unedited, as the SAE's training data and the reference index leave them out. ``prompt_boost`` multiplies
+    an additive method's push in the prompt pass (:attr:`saealign.steering.spec.GenerationSpec.prompt_boost`).
     """
     if hook is not None and layer is None:
         raise SaealignError("decode_steps needs the layer module to attach the steering hook to")
@@ -206,7 +208,7 @@ def decode_steps(
     feed, pos = ids, positions(mask)
     for step in range(sampling.max_new_tokens):
         logits, contamination, n_changed = _forward(
-            model, feed, mask, pos, {cache_name: cache}, hook, layer, keep
+            model, feed, mask, pos, {cache_name: cache}, hook, layer, keep, prompt_boost if step == 0 else 1.0
         )
         keep = None
         active = ~done
@@ -233,6 +235,7 @@ def _forward(
     hook: SteeringHook | None,
     layer: nn.Module | None,
     keep: Tensor | None,
+    push_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """One forward call: ``(last-position logits [batch, vocab], contamination [batch] | None, n_changed | None)``."""
     if hook is None:
@@ -241,12 +244,14 @@ def _forward(
     assert layer is not None
     hook.clear()
     hook.keep = keep
+    hook.push_scale = push_scale
     handle = hook.register(layer)
     try:
         out = model(input_ids=feed, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **cache)
     finally:
         handle.remove()
         hook.keep = None
+        hook.push_scale = 1.0
     if not hook.record:
         return out.logits[:, -1], None, None
     return out.logits[:, -1], hook.contamination[-1][:, -1].cpu(), hook.n_changed[-1][:, -1].cpu()

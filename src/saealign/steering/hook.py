@@ -85,6 +85,9 @@ class SteeringHook:
         """One ``[batch, seq]`` int64 tensor per forward call."""
         self.n_active: list[Tensor] = []
         """One ``[batch, seq]`` int64 tensor per forward call (0 = contamination defined as 0)."""
+        self.push_scale = 1.0
+        """Multiplies :attr:`direction` in the next forward call (the prompt pass's ``prompt_boost``); set it before
+        the call, reset it to 1 after."""
         self.keep: Tensor | None = None
         """bool ``[batch, seq]`` of the next forward call, or None: positions passed through unedited,
         recorded with contamination, n_changed and n_active 0. Set it before the call, clear it after.
@@ -97,6 +100,8 @@ class SteeringHook:
             return None  # nothing to change and nothing to measure: skip the SAE entirely
         hidden = output if isinstance(output, Tensor) else output[0]  # type: ignore[index]
         direction = self.direction
+        if direction is not None and self.push_scale != 1.0:
+            direction = direction * self.push_scale
         if self.feedback is not None and direction is not None:
             with torch.no_grad():
                 acts = self.sae.activate(self.sae.pre(hidden))

@@ -40,6 +40,10 @@ instead."""
 FEEDBACK_STRENGTH: dict[str, float] = {**DEFAULT_STRENGTH, "add": 0.35}
 """The same with ``feedback=True``: the push is full only while the text is off topic, so add's is higher."""
 
+DEFAULT_PROMPT_BOOST = 1.0
+"""How many times harder the additive methods push the prompt than each generated token (:attr:`GenerationSpec.prompt_boost`)."""
+PROMPT_BOOST_MAX = 10.0
+
 STRENGTH_RANGE: dict[str, tuple[float, float]] = {
     "swap": (0.0, 8.0),
     "weight": (0.0, 8.0),
@@ -116,6 +120,11 @@ class GenerationSpec:
     """Additive methods: fade the push, row by row, as the generated text reads like the topic
     (:mod:`saealign.steering.feedback`; False: a constant push). Its default strength is higher
     (:data:`FEEDBACK_STRENGTH`). Off by default: on the benchmark it lands on the constant push's frontier."""
+    prompt_boost: float = DEFAULT_PROMPT_BOOST
+    """Additive methods: the prompt pass is pushed this many times harder than the generated tokens (1 = one
+    push throughout; 0 = the prompt unpushed). The prompt's push reaches every later token through the attention
+    cache, so it sets the topic where a push on each new token would keep costing fluency (docs/results.md).
+    With ``steer_prompt=False`` it applies to the last prompt position alone."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -139,6 +148,13 @@ class GenerationSpec:
             raise SaealignError(f"clamp_multiplier must be a finite number > 0, got {self.clamp_multiplier}")
         if self.n_latents < 1:
             raise SaealignError(f"n_latents must be at least 1, got {self.n_latents}")
+        boost = self.prompt_boost
+        if isinstance(boost, bool) or not isinstance(boost, (int, float)) or not 0 <= boost <= PROMPT_BOOST_MAX:
+            raise SaealignError(f"prompt_boost must be a number from 0 to {PROMPT_BOOST_MAX:g}, got {boost!r}")
+        high = STRENGTH_RANGE.get(self.method, (0.0, math.inf))[1]
+        if self.method in ("add", "swap_add") and not self.is_auto and float(self.strength) * boost > high:  # type: ignore[arg-type]
+            raise SaealignError(f"strength {self.strength} x prompt_boost {boost:g} pushes the prompt past {self.method}'s "
+                                f"largest strength ({high:g}): lower one of them")
 
     @property
     def needs_topic(self) -> bool:

@@ -1,0 +1,83 @@
+"""prompt_boost: the additive push on the prompt pass, a multiple of the push on each generated token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import saealign.steering.hook as hook_mod
+from conftest import make_llama, make_sae, make_tokenizer
+from saealign.errors import SaealignError
+from saealign.models import LoadedModel
+from saealign.reference.embed import HashingEmbedder
+from saealign.reference.scoring import TopicScores
+from saealign.sae.autoencoder import SAE, sae_key
+from saealign.steering.aligner import Aligner
+from saealign.steering.spec import GenerationSpec as Spec
+
+PROMPTS = ["the cat sat on the", "a dog runs near"]
+
+
+@pytest.fixture(scope="module")
+def sae() -> SAE:
+    return make_sae()
+
+
+@pytest.fixture()
+def aligner(sae: SAE, tmp_path, monkeypatch: pytest.MonkeyPatch) -> Aligner:
+    monkeypatch.setenv("SAEALIGN_CACHE", str(tmp_path))  # the tiny model's steering basis stays out of the user's cache
+    lm = LoadedModel(model=make_llama(), tokenizer=make_tokenizer(), name="tiny", key="tiny", load_seconds=0.0)
+    return Aligner(lm, sae, 0, embedder=HashingEmbedder())
+
+
+def topic(sae: SAE) -> TopicScores:
+    s = np.random.default_rng(0).random(sae.d_sae).astype(np.float32)
+    return TopicScores(s, np.zeros(sae.d_sae), np.full(sae.d_sae, 30), np.ones(sae.d_sae, bool), ["the dog sat"],
+                       sae_key=sae_key(sae), contrast=np.random.default_rng(1).random(sae.d_sae).astype(np.float32))
+
+
+def test_the_prompt_pass_is_pushed_boost_times_harder(aligner: Aligner, sae: SAE,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    pushes: list[torch.Tensor] = []
+    real = hook_mod.apply_edit
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        pushes.append(args[-1].clone())  # the direction actually added in this forward call
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hook_mod, "apply_edit", spy)
+    t = topic(sae)
+    aligner.generate(PROMPTS, t, Spec("add", strength=0.5, prompt_boost=3.0, greedy=True, max_new_tokens=4))
+    boosted = list(pushes)
+    pushes.clear()
+    aligner.generate(PROMPTS, t, Spec("add", strength=0.5, greedy=True, max_new_tokens=4))
+    plain = list(pushes)
+    assert len(boosted) == len(plain) == 4  # the prompt pass, then one call per fed-back token
+    assert torch.allclose(boosted[0], plain[0] * 3.0, rtol=1e-6, atol=0)
+    assert all(torch.equal(b, p) for b, p in zip(boosted[1:], plain[1:], strict=True))
+
+
+def test_the_first_token_is_the_one_of_the_boosted_strength(aligner: Aligner, sae: SAE) -> None:
+    # the prompt pass alone predicts the first new token: boost b at strength s reads as strength s x b there
+    t = topic(sae)
+    boosted = aligner.generate(PROMPTS, t, Spec("add", strength=0.4, prompt_boost=2.5, max_new_tokens=1), seed=[3, 4])
+    scaled = aligner.generate(PROMPTS, t, Spec("add", strength=1.0, max_new_tokens=1), seed=[3, 4])
+    plain = aligner.generate(PROMPTS, t, Spec("add", strength=0.4, max_new_tokens=6, greedy=True))
+    two = aligner.generate(PROMPTS, t, Spec("add", strength=0.4, prompt_boost=5.0, max_new_tokens=6, greedy=True))
+    assert [g.token_ids for g in boosted] == [g.token_ids for g in scaled]
+    assert [g.token_ids for g in two] != [g.token_ids for g in plain]
+    one = aligner.generate(PROMPTS, t, Spec("add", strength=0.4, prompt_boost=1.0, max_new_tokens=6, greedy=True))
+    assert [g.token_ids for g in one] == [g.token_ids for g in plain]
+
+
+def test_bad_prompt_boost_is_one_clear_error() -> None:
+    for bad in (-0.5, 11, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(SaealignError, match="prompt_boost must be a number from 0 to 10"):
+            Spec(prompt_boost=bad)  # type: ignore[arg-type]
+    with pytest.raises(SaealignError, match=r"strength 1.5 x prompt_boost 2 pushes the prompt past add's largest"):
+        Spec("add", strength=1.5, prompt_boost=2)
+    assert Spec("add", strength="auto", prompt_boost=4).prompt_boost == 4  # the search's candidates are small
+    assert Spec("swap", strength=5, prompt_boost=4).strength == 5  # Swap has no push: the boost is unused
