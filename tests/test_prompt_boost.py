@@ -81,3 +81,13 @@ def test_bad_prompt_boost_is_one_clear_error() -> None:
         Spec("add", strength=1.5, prompt_boost=2)
     assert Spec("add", strength="auto", prompt_boost=4).prompt_boost == 4  # the search's candidates are small
     assert Spec("swap", strength=5, prompt_boost=4).strength == 5  # Swap has no push: the boost is unused
+
+
+def test_no_boost_means_the_methods_default() -> None:
+    from saealign.steering.spec import DEFAULT_PROMPT_BOOST
+
+    assert Spec().prompt_boost == Spec("add").boost == DEFAULT_PROMPT_BOOST["add"]
+    assert Spec(feedback=True).prompt_boost == 1.0  # its strength was chosen with a constant push
+    assert Spec("swap_add").prompt_boost == Spec("swap").prompt_boost == 1.0
+    assert Spec(prompt_boost=0).prompt_boost == 0 and Spec(feedback=True, prompt_boost=2).prompt_boost == 2
+    assert Spec(**Spec().to_json()) == Spec()  # resolved once: JSON round-trips

@@ -62,8 +62,9 @@ SPEC_OPTIONS = [
                       "reference text (the corpus and the model's own unsteered text)"),
     click.option("--feedback/--no-feedback", default=False, show_default=True,
                  help="additive methods: fade the push as the generated text reads like the topic"),
-    click.option("--prompt-boost", type=float, default=DEFAULT_PROMPT_BOOST, show_default=True,
-                 help="additive methods: push the prompt this many times harder than each generated token"),
+    click.option("--prompt-boost", type=float, default=None,
+                 help="additive methods: push the prompt this many times harder than each generated token "
+                      f"(default: {DEFAULT_PROMPT_BOOST['add']:g} for add, 1 with --feedback or for swap_add)"),
 ]
 SPEC_FIELDS = {f.name for f in fields(GenerationSpec)}
 

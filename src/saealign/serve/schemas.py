@@ -92,8 +92,10 @@ class SteeringOptions(BaseModel):
                                                      "model's own unsteered text)")
     feedback: bool = Field(default=False, description="additive methods: fade the push as the generated text reads "
                                                      "like the topic")
-    prompt_boost: float = Field(default=DEFAULT_PROMPT_BOOST, description="additive methods: push the prompt this many "
-                                                                        "times harder than each generated token")
+    prompt_boost: float | None = Field(
+        default=None, description="additive methods: push the prompt this many times harder than each generated "
+                                  f"token; null = the default ({DEFAULT_PROMPT_BOOST['add']:g} for add, 1 with "
+                                  "feedback or for swap_add)")
     top_k: int = 5
     greedy: bool = False
 

@@ -255,7 +255,7 @@ class Aligner:
         pad = pad if pad is not None else (min(eos) if eos else 0)
         detok = [Detokenizer(tok) for _ in plan.rows]
         steps = decode_steps(self.lm.model, plan.rows, Sampling.of(plan.spec), plan.generators, pad, eos, plan.hook,
-                             self.block, plan.spec.steer_prompt, self.special_ids, plan.spec.prompt_boost)
+                             self.block, plan.spec.steer_prompt, self.special_ids, plan.spec.boost)
         for step in steps:
             for row in step.active.nonzero().flatten().tolist():
                 token = int(step.token_ids[row])

@@ -40,8 +40,11 @@ instead."""
 FEEDBACK_STRENGTH: dict[str, float] = {**DEFAULT_STRENGTH, "add": 0.35}
 """The same with ``feedback=True``: the push is full only while the text is off topic, so add's is higher."""
 
-DEFAULT_PROMPT_BOOST = 1.0
-"""How many times harder the additive methods push the prompt than each generated token (:attr:`GenerationSpec.prompt_boost`)."""
+DEFAULT_PROMPT_BOOST: dict[str, float] = {"add": 1.0}
+"""What ``prompt_boost=None`` means for a method without topic feedback (:attr:`GenerationSpec.prompt_boost`):
+how many times harder the prompt is pushed than each generated token, chosen with the default strength by
+``saealign eval steer-bench`` (docs/results.md). Every other method, and add with feedback (whose strength was
+chosen with a constant push), gets 1."""
 PROMPT_BOOST_MAX = 10.0
 
 STRENGTH_RANGE: dict[str, tuple[float, float]] = {
@@ -120,11 +123,12 @@ class GenerationSpec:
     """Additive methods: fade the push, row by row, as the generated text reads like the topic
     (:mod:`saealign.steering.feedback`; False: a constant push). Its default strength is higher
     (:data:`FEEDBACK_STRENGTH`). Off by default: on the benchmark it lands on the constant push's frontier."""
-    prompt_boost: float = DEFAULT_PROMPT_BOOST
+    prompt_boost: float | None = None
     """Additive methods: the prompt pass is pushed this many times harder than the generated tokens (1 = one
-    push throughout; 0 = the prompt unpushed). The prompt's push reaches every later token through the attention
-    cache, so it sets the topic where a push on each new token would keep costing fluency (docs/results.md).
-    With ``steer_prompt=False`` it applies to the last prompt position alone."""
+    push throughout; 0 = the prompt unpushed; None = :data:`DEFAULT_PROMPT_BOOST`, resolved on construction).
+    The prompt's push reaches every later token through the attention cache, so it sets the topic where a push
+    on each new token would keep costing fluency (docs/results.md). With ``steer_prompt=False`` it applies to
+    the last prompt position alone."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -149,6 +153,9 @@ class GenerationSpec:
         if self.n_latents < 1:
             raise SaealignError(f"n_latents must be at least 1, got {self.n_latents}")
         boost = self.prompt_boost
+        if boost is None:
+            boost = 1.0 if self.feedback else DEFAULT_PROMPT_BOOST.get(self.method, 1.0)
+            object.__setattr__(self, "prompt_boost", boost)
         if isinstance(boost, bool) or not isinstance(boost, (int, float)) or not 0 <= boost <= PROMPT_BOOST_MAX:
             raise SaealignError(f"prompt_boost must be a number from 0 to {PROMPT_BOOST_MAX:g}, got {boost!r}")
         high = STRENGTH_RANGE.get(self.method, (0.0, math.inf))[1]
@@ -159,6 +166,11 @@ class GenerationSpec:
     @property
     def needs_topic(self) -> bool:
         return self.method in TOPIC_METHODS
+
+    @property
+    def boost(self) -> float:
+        """:attr:`prompt_boost` as resolved on construction (always a number)."""
+        return float(self.prompt_boost)  # type: ignore[arg-type]
 
     @property
     def is_auto(self) -> bool:
