@@ -175,3 +175,13 @@ def test_one_batch_search_equals_one_call_per_candidate(sae: SAE) -> None:
         want = auto_mod.read_log_ratio(probe.halves, steered, FAST.max_new_tokens, FAST.read_tokens)
         assert (trial["rate"], trial["switch"], trial["log_ratio"]) == pytest.approx(want, abs=1e-6)
         assert trial["distance"] == pytest.approx(auto_mod._distance(aligner, [g.text for g in gens], emb), rel=1e-6)
+
+
+def test_candidates_keep_the_boosted_prompt_push_in_range() -> None:
+    cfg = AutoStrengthConfig()
+    assert cfg.candidates("add") == (0.15, 0.3, 0.45, 0.6)
+    assert cfg.candidates("add", prompt_boost=4) == (0.15, 0.3, 0.45)  # 0.6 x 4 would push the prompt past 2
+    assert cfg.candidates("add", prompt_boost=0.5) == cfg.candidates("add")
+    assert cfg.candidates("add", prompt_boost=10) == (0.15,)  # at most 2 / 10
+    with pytest.raises(SaealignError, match="no candidate strength"):
+        AutoStrengthConfig(strengths=(0.3,)).candidates("add", prompt_boost=10)

@@ -62,22 +62,35 @@ def bench_openers(n: int) -> list[str]:
     return lines[:n]
 
 
+def condition_name(spec: GenerationSpec) -> str:
+    """``"add 0.2 prompt x4"``: the method, its strength and, where it is not 1, the prompt boost."""
+    strength = spec.strength if isinstance(spec.strength, str) else f"{spec.strength:g}"
+    boost = f" prompt x{spec.boost:g}" if spec.method in ADDITIVE and spec.boost != 1 else ""
+    return f"{spec.method} {strength}{boost}"
+
+
 def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondition]:
-    """none, prompting, prompting + the default, the default, its neighbours (strengths, auto, the direction
-    without the activation contrast), the paper's Swap, and the hybrid swap_add."""
+    """none, prompting, prompting + the default, the default, its neighbours (strength ± 0.05, the constant push
+    without the prompt boost, auto, the direction without the activation contrast, the topic feedback), the
+    paper's Swap, and the hybrid swap_add."""
     default = default or GenerationSpec()
     out = [BenchCondition("none", GenerationSpec(method="none")),
            BenchCondition("prompting", GenerationSpec(method="none"), prompting=True),
            BenchCondition("prompting + default", default, prompting=True),
-           BenchCondition(f"default ({default.method} {default.strength})", default)]
-    if default.method in ADDITIVE:
-        out += [BenchCondition(f"{default.method} {s:g}", replace(default, strength=s))
-                for s in (0.2, 0.3, 0.4) if s != default.strength]
-        out += [BenchCondition(f"{default.method} auto", replace(default, strength="auto")),
-                BenchCondition(f"{default.method} {default.strength} without contrast", replace(default, contrast=False))]
+           BenchCondition(f"default ({condition_name(default)})", default)]
+    if default.method in ADDITIVE and not default.is_auto:
+        s = float(default.strength)  # type: ignore[arg-type]
+        near = [replace(default, strength=round(x, 4)) for x in (s - 0.05, s + 0.05) if x > 0]
+        out += [BenchCondition(condition_name(spec), spec) for spec in near]
+        if default.boost != 1:  # the constant push the boost is measured against, at and above the default
+            out += [BenchCondition(f"{default.method} {x:g} constant push", replace(default, strength=x, prompt_boost=1.0))
+                    for x in sorted({0.25, 0.3})]
+        auto = replace(default, strength="auto")
+        out += [BenchCondition(condition_name(auto), auto),
+                BenchCondition(f"{condition_name(default)} without contrast", replace(default, contrast=False))]
         if not default.feedback:
-            faded = replace(default, feedback=True, strength=None)  # the feedback's own default strength
-            out += [BenchCondition(f"{default.method} {faded.strength} with feedback", faded)]
+            faded = replace(default, feedback=True, strength=None, prompt_boost=None)  # the feedback's own defaults
+            out += [BenchCondition(f"{condition_name(faded)} with feedback", faded)]
     out += [BenchCondition("swap 1", GenerationSpec(method="swap", strength=1.0)),
             BenchCondition("swap_add 0.3", GenerationSpec(method="swap_add", strength=0.3))]
     return out

@@ -40,6 +40,7 @@ from saealign.cache import hash_json
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
 from saealign.reference.embed import min_distances
+from saealign.steering.edits import ADDITIVE
 from saealign.steering.spec import STRENGTH_METHODS, STRENGTH_RANGE, GenerationSpec
 
 if TYPE_CHECKING:
@@ -106,10 +107,13 @@ class AutoStrengthConfig:
         if self.n_prompts < 1 or self.max_new_tokens < 2 or self.top_k < 1 or self.read_tokens < 1:
             raise SaealignError("n_prompts, top_k and read_tokens must be at least 1, max_new_tokens at least 2")
 
-    def candidates(self, method: str) -> tuple[float, ...]:
+    def candidates(self, method: str, prompt_boost: float = 1.0) -> tuple[float, ...]:
+        """The candidates in the method's range; with a prompt boost > 1, only those whose boosted prompt push
+        stays in it too."""
         if method not in STRENGTH_METHODS:
             raise SaealignError(f"strength='auto' needs a method that reads a strength ({', '.join(STRENGTH_METHODS)})")
         low, high = STRENGTH_RANGE[method]
+        high = high / max(1.0, prompt_boost)
         chosen = tuple(sorted({s for s in (self.strengths or CANDIDATES[method]) if low < s <= high}))
         if not chosen:
             raise SaealignError(f"no candidate strength lies in {method}'s range ({low:g}, {high:g}]: {self.strengths}")
@@ -269,7 +273,7 @@ def choose_strength(aligner: Aligner, topic: TopicScores, spec: GenerationSpec,
     """Search the strength of ``spec.method`` for ``topic`` as the module docstring says (no caching: see
     :meth:`Aligner.auto_strength`)."""
     cfg = cfg or AutoStrengthConfig()
-    candidates = cfg.candidates(spec.method)
+    candidates = cfg.candidates(spec.method, spec.boost if spec.method in ADDITIVE else 1.0)
     if aligner.embedder is None:
         raise SaealignError("strength='auto' measures distance to the topic texts and needs an embedder: "
                             "pass embedder= to Aligner, or give a number as the strength")
