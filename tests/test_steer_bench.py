@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import saealign.cli.app as cli
 from conftest import TinyLoader, build_tiny_index, make_sae, make_texts
 from saealign.evaluate.bench_topics import BenchTopic, load_bench_topics
-from saealign.evaluate.steer_bench import BenchCondition, BenchConfig, run_steer_bench
+from saealign.evaluate.steer_bench import BenchCondition, BenchConfig, default_conditions, run_steer_bench
 from saealign.evaluate.topic_classifier import TopicClassifier
 from saealign.models import LoadedModel
 from saealign.reference.embed import HashingEmbedder
@@ -116,3 +116,16 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
         assert len(lines) == 1 and needle in lines[0], result.output
     with pytest.raises(Exception, match="not found"):
         load_bench_topics(tmp_path, groups=("clinc",))
+
+
+def test_default_rows_compare_the_boosted_default_with_the_constant_push() -> None:
+    default = Spec(strength=0.2, prompt_boost=4)
+    rows = {c.label: c for c in default_conditions(default)}
+    assert len(rows) == len(default_conditions(default))  # labels are unique
+    assert rows["default (add 0.2 prompt x4)"].spec == default and rows["prompting + default"].prompting
+    assert rows["add 0.15 prompt x4"].spec == Spec(strength=0.15, prompt_boost=4)
+    assert rows["add 0.25 constant push"].spec == Spec(strength=0.25, prompt_boost=1)
+    assert rows["add auto prompt x4"].spec.is_auto and rows["add auto prompt x4"].spec.boost == 4
+    assert rows["add 0.35 with feedback"].spec == Spec(feedback=True)  # the feedback's own strength and boost
+    assert [c.label for c in default_conditions(Spec("add", strength=0.25, prompt_boost=1))][3:6] == [
+        "default (add 0.25)", "add 0.2", "add 0.3"]
