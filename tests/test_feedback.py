@@ -84,7 +84,7 @@ def test_bad_feedback_is_one_clear_error() -> None:
 
 
 def test_default_strength_follows_the_feedback() -> None:
-    assert not Spec().feedback and Spec().strength == DEFAULT_STRENGTH["add"] == 0.25
+    assert not Spec().feedback and Spec().strength == DEFAULT_STRENGTH["add"] == 0.2
     assert Spec(feedback=True).strength == FEEDBACK_STRENGTH["add"] == 0.35
     assert Spec("swap", feedback=True).strength == 1.0 and Spec("swap_add", feedback=True).strength == 0.3
 
@@ -97,7 +97,8 @@ def test_the_aligner_fades_only_after_the_prompt(tiny_lm: LoadedModel, tmp_path_
     topic = aligner.topic(TEXTS)
     faded = aligner.generate(["the cat", "a dog runs"], topic,
                              Spec("add", strength=1.0, greedy=True, max_new_tokens=6, feedback=True))
-    constant = aligner.generate(["the cat", "a dog runs"], topic, Spec("add", strength=1.0, greedy=True, max_new_tokens=6))
+    constant = aligner.generate(["the cat", "a dog runs"], topic,
+                              Spec("add", strength=1.0, prompt_boost=1, greedy=True, max_new_tokens=6))
     # the first new token is predicted on the prompt pass, pushed in full either way
     assert [g.token_ids[0] for g in faded] == [g.token_ids[0] for g in constant]
     plan = aligner._plan(["the cat"], topic, Spec("add", strength=1.0, feedback=True), 0, None, None)

@@ -53,7 +53,7 @@ def test_the_prompt_pass_is_pushed_boost_times_harder(aligner: Aligner, sae: SAE
     aligner.generate(PROMPTS, t, Spec("add", strength=0.5, prompt_boost=3.0, greedy=True, max_new_tokens=4))
     boosted = list(pushes)
     pushes.clear()
-    aligner.generate(PROMPTS, t, Spec("add", strength=0.5, greedy=True, max_new_tokens=4))
+    aligner.generate(PROMPTS, t, Spec("add", strength=0.5, prompt_boost=1, greedy=True, max_new_tokens=4))
     plain = list(pushes)
     assert len(boosted) == len(plain) == 4  # the prompt pass, then one call per fed-back token
     assert torch.allclose(boosted[0], plain[0] * 3.0, rtol=1e-6, atol=0)
@@ -64,8 +64,8 @@ def test_the_first_token_is_the_one_of_the_boosted_strength(aligner: Aligner, sa
     # the prompt pass alone predicts the first new token: boost b at strength s reads as strength s x b there
     t = topic(sae)
     boosted = aligner.generate(PROMPTS, t, Spec("add", strength=0.4, prompt_boost=2.5, max_new_tokens=1), seed=[3, 4])
-    scaled = aligner.generate(PROMPTS, t, Spec("add", strength=1.0, max_new_tokens=1), seed=[3, 4])
-    plain = aligner.generate(PROMPTS, t, Spec("add", strength=0.4, max_new_tokens=6, greedy=True))
+    scaled = aligner.generate(PROMPTS, t, Spec("add", strength=1.0, prompt_boost=1, max_new_tokens=1), seed=[3, 4])
+    plain = aligner.generate(PROMPTS, t, Spec("add", strength=0.4, prompt_boost=1, max_new_tokens=6, greedy=True))
     two = aligner.generate(PROMPTS, t, Spec("add", strength=0.4, prompt_boost=5.0, max_new_tokens=6, greedy=True))
     assert [g.token_ids for g in boosted] == [g.token_ids for g in scaled]
     assert [g.token_ids for g in two] != [g.token_ids for g in plain]
@@ -91,3 +91,6 @@ def test_no_boost_means_the_methods_default() -> None:
     assert Spec("swap_add").prompt_boost == Spec("swap").prompt_boost == 1.0
     assert Spec(prompt_boost=0).prompt_boost == 0 and Spec(feedback=True, prompt_boost=2).prompt_boost == 2
     assert Spec(**Spec().to_json()) == Spec()  # resolved once: JSON round-trips
+    # the default boost gives way where it would push the prompt past the method's range; an explicit one errs
+    assert Spec("add", strength=1.0).prompt_boost == 2.0 and Spec("add", strength=2.0).prompt_boost == 1.0
+    assert Spec("add", strength=0).prompt_boost == DEFAULT_PROMPT_BOOST["add"]

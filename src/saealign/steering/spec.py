@@ -31,16 +31,16 @@ AUTO = "auto"
 DEFAULT_METHOD = "add"
 """What a request with a topic and no method gets: chosen by ``saealign eval steer-bench`` (docs/results.md)."""
 
-DEFAULT_STRENGTH: dict[str, float] = {"swap": 1.0, "weight": 1.0, "add": 0.25, "swap_add": 0.3}
+DEFAULT_STRENGTH: dict[str, float] = {"swap": 1.0, "weight": 1.0, "add": 0.2, "swap_add": 0.3}
 """What ``strength=None`` (a request that names none) means per method. Swap and Weight: the paper's 1. The
-additive methods: 0.25 (add) and 0.3 (swap_add) × the median residual norm, chosen by ``saealign eval
-steer-bench`` (docs/results.md): the strongest push whose judge perplexity stays near the unsteered text's over
-the benchmark's 12 topics, one global number (no per-topic tuning); ``"auto"`` searches a strength per topic
-instead."""
+additive methods: 0.2 (add, with the prompt pushed 3 times as hard: :data:`DEFAULT_PROMPT_BOOST`) and 0.3
+(swap_add) × the median residual norm, chosen by ``saealign eval steer-bench`` (docs/results.md): the highest
+topic hit rate at the judge perplexity of the previous default, over the benchmark's 12 topics, one global
+number (no per-topic tuning); ``"auto"`` searches a strength per topic instead."""
 FEEDBACK_STRENGTH: dict[str, float] = {**DEFAULT_STRENGTH, "add": 0.35}
 """The same with ``feedback=True``: the push is full only while the text is off topic, so add's is higher."""
 
-DEFAULT_PROMPT_BOOST: dict[str, float] = {"add": 1.0}
+DEFAULT_PROMPT_BOOST: dict[str, float] = {"add": 3.0}
 """What ``prompt_boost=None`` means for a method without topic feedback (:attr:`GenerationSpec.prompt_boost`):
 how many times harder the prompt is pushed than each generated token, chosen with the default strength by
 ``saealign eval steer-bench`` (docs/results.md). Every other method, and add with feedback (whose strength was
@@ -152,14 +152,17 @@ class GenerationSpec:
             raise SaealignError(f"clamp_multiplier must be a finite number > 0, got {self.clamp_multiplier}")
         if self.n_latents < 1:
             raise SaealignError(f"n_latents must be at least 1, got {self.n_latents}")
+        high = STRENGTH_RANGE.get(self.method, (0.0, math.inf))[1]
+        pushes = self.method in ("add", "swap_add") and not self.is_auto
         boost = self.prompt_boost
         if boost is None:
             boost = 1.0 if self.feedback else DEFAULT_PROMPT_BOOST.get(self.method, 1.0)
+            if pushes and float(self.strength) > 0:  # type: ignore[arg-type]
+                boost = min(boost, max(1.0, high / float(self.strength)))  # type: ignore[arg-type]  # a strong push: less boost
             object.__setattr__(self, "prompt_boost", boost)
         if isinstance(boost, bool) or not isinstance(boost, (int, float)) or not 0 <= boost <= PROMPT_BOOST_MAX:
             raise SaealignError(f"prompt_boost must be a number from 0 to {PROMPT_BOOST_MAX:g}, got {boost!r}")
-        high = STRENGTH_RANGE.get(self.method, (0.0, math.inf))[1]
-        if self.method in ("add", "swap_add") and not self.is_auto and float(self.strength) * boost > high:  # type: ignore[arg-type]
+        if pushes and float(self.strength) * boost > high:  # type: ignore[arg-type]
             raise SaealignError(f"strength {self.strength} x prompt_boost {boost:g} pushes the prompt past {self.method}'s "
                                 f"largest strength ({high:g}): lower one of them")
 
