@@ -33,7 +33,7 @@ from saealign.steering.strength import AutoStrengthConfig
 
 N_CORPUS = 48  # enough prompts for latents firing on >= 20 of them (Aligner.topic's min_prompts)
 PROMPTS = ["the cat sat on the", "a dog runs"]
-SMALL_AUTO = AutoStrengthConfig(n_prompts=4, max_new_tokens=4, strengths=(1.0, 4.0))
+SMALL_AUTO = AutoStrengthConfig(n_prompts=4, max_new_tokens=4, strengths=(0.5, 1.0, 4.0))  # 0.5: add x boost 3 in range
 MEDICAL_SUBJECTS = ("anatomy", "virology", "clinical_knowledge")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
