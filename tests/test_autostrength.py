@@ -53,7 +53,7 @@ def test_choice_meets_the_budget_on_the_fitted_curve(sae: SAE) -> None:
         aligner = make(sae, AutoStrengthConfig(**{**FAST.__dict__, "budget": budget}))
         choice = aligner.auto_strength(topic(sae, 1))
         tried = FAST.candidates("add", Spec().boost)  # those whose boosted prompt push stays in add's range
-        assert [t["strength"] for t in choice.trials] == list(tried) == [0.2, 0.5]  # every one measured
+        assert [t["strength"] for t in choice.trials] == list(tried)  # every one measured
         a, b = choice.fit
         assert (a, b) == auto_mod.fit_curve([t["strength"] for t in choice.trials], [t["log_ratio"] for t in choice.trials])
         want = auto_mod.solve_budget(a, b, budget, max(tried))

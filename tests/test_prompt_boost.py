@@ -83,7 +83,8 @@ def test_bad_prompt_boost_is_one_clear_error() -> None:
     assert Spec("swap", strength=5, prompt_boost=4).strength == 5  # Swap has no push: the boost is unused
 
 
-def test_no_boost_means_the_methods_default() -> None:
+def test_no_boost_means_the_methods_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    import saealign.steering.spec as spec_mod
     from saealign.steering.spec import DEFAULT_PROMPT_BOOST
 
     assert Spec().prompt_boost == Spec("add").boost == DEFAULT_PROMPT_BOOST["add"]
@@ -91,6 +92,7 @@ def test_no_boost_means_the_methods_default() -> None:
     assert Spec("swap_add").prompt_boost == Spec("swap").prompt_boost == 1.0
     assert Spec(prompt_boost=0).prompt_boost == 0 and Spec(feedback=True, prompt_boost=2).prompt_boost == 2
     assert Spec(**Spec().to_json()) == Spec()  # resolved once: JSON round-trips
-    # the default boost gives way where it would push the prompt past the method's range; an explicit one errs
+    # a default boost gives way where it would push the prompt past the method's range; an explicit one errs
+    monkeypatch.setitem(spec_mod.DEFAULT_PROMPT_BOOST, "add", 3.0)
+    assert Spec("add", strength=0.5).prompt_boost == 3.0 and Spec("add", strength=0).prompt_boost == 3.0
     assert Spec("add", strength=1.0).prompt_boost == 2.0 and Spec("add", strength=2.0).prompt_boost == 1.0
-    assert Spec("add", strength=0).prompt_boost == DEFAULT_PROMPT_BOOST["add"]

@@ -40,7 +40,7 @@ SPEC_OPTIONS = [
     click.option("--mode", type=click.Choice(MODES), default="error", show_default=True,
                  help="error: keep the SAE's reconstruction error; replace: layer output = SAE decode (the paper)"),
     click.option("--strength", default=None,
-                 help="how hard the method steers (add: x median residual norm, default 0.2; Swap/Weight: "
+                 help="how hard the method steers (add: x median residual norm, default 0.25; Swap/Weight: "
                       "scores**strength, default 1 = the paper); auto: the strongest within the fluency budget, "
                       "searched once per topic"),
     click.option("--max-new-tokens", default=64, show_default=True),
@@ -64,7 +64,7 @@ SPEC_OPTIONS = [
                  help="additive methods: fade the push as the generated text reads like the topic"),
     click.option("--prompt-boost", type=float, default=None,
                  help="additive methods: push the prompt this many times harder than each generated token "
-                      f"(default: {DEFAULT_PROMPT_BOOST['add']:g} for add, 1 with --feedback or for swap_add)"),
+                      f"(default {DEFAULT_PROMPT_BOOST['add']:g}: one push throughout)"),
 ]
 SPEC_FIELDS = {f.name for f in fields(GenerationSpec)}
 

@@ -79,7 +79,7 @@ class SteeringOptions(BaseModel):
     strength: float | Literal["auto"] | None = Field(
         default=None, description="how hard the method steers, within its range (add: x median residual norm; "
                                   "Swap/Weight: scores**strength, 1 = the paper); null = the method's default "
-                                  "(add 0.2, 0.35 with feedback; swap_add 0.3; Swap/Weight 1); auto = the "
+                                  "(add 0.25, 0.35 with feedback; swap_add 0.3; Swap/Weight 1); auto = the "
                                   "strongest within the fluency budget, searched once per topic")
     steer_prompt: bool = Field(default=True, description="also edit the prompt's positions")
     clamp_n: int = Field(default=5, description="clamp: latents forced on")
@@ -94,8 +94,7 @@ class SteeringOptions(BaseModel):
                                                      "like the topic")
     prompt_boost: float | None = Field(
         default=None, description="additive methods: push the prompt this many times harder than each generated "
-                                  f"token; null = the default ({DEFAULT_PROMPT_BOOST['add']:g} for add, 1 with "
-                                  "feedback or for swap_add)")
+                                  f"token; null = the default ({DEFAULT_PROMPT_BOOST['add']:g}: one push throughout)")
     top_k: int = 5
     greedy: bool = False
 

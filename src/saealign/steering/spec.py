@@ -31,20 +31,21 @@ AUTO = "auto"
 DEFAULT_METHOD = "add"
 """What a request with a topic and no method gets: chosen by ``saealign eval steer-bench`` (docs/results.md)."""
 
-DEFAULT_STRENGTH: dict[str, float] = {"swap": 1.0, "weight": 1.0, "add": 0.2, "swap_add": 0.3}
+DEFAULT_STRENGTH: dict[str, float] = {"swap": 1.0, "weight": 1.0, "add": 0.25, "swap_add": 0.3}
 """What ``strength=None`` (a request that names none) means per method. Swap and Weight: the paper's 1. The
-additive methods: 0.2 (add, with the prompt pushed 3 times as hard: :data:`DEFAULT_PROMPT_BOOST`) and 0.3
-(swap_add) × the median residual norm, chosen by ``saealign eval steer-bench`` (docs/results.md): the highest
-topic hit rate at the judge perplexity of the previous default, over the benchmark's 12 topics, one global
-number (no per-topic tuning); ``"auto"`` searches a strength per topic instead."""
+additive methods: 0.25 (add) and 0.3 (swap_add) × the median residual norm, chosen by ``saealign eval
+steer-bench`` (docs/results.md): the strongest push whose judge perplexity stays near the unsteered text's over
+the benchmark's 12 topics, one global number (no per-topic tuning); ``"auto"`` searches a strength per topic
+instead."""
 FEEDBACK_STRENGTH: dict[str, float] = {**DEFAULT_STRENGTH, "add": 0.35}
 """The same with ``feedback=True``: the push is full only while the text is off topic, so add's is higher."""
 
-DEFAULT_PROMPT_BOOST: dict[str, float] = {"add": 3.0}
+DEFAULT_PROMPT_BOOST: dict[str, float] = {"add": 1.0}
 """What ``prompt_boost=None`` means for a method without topic feedback (:attr:`GenerationSpec.prompt_boost`):
-how many times harder the prompt is pushed than each generated token, chosen with the default strength by
-``saealign eval steer-bench`` (docs/results.md). Every other method, and add with feedback (whose strength was
-chosen with a constant push), gets 1."""
+how many times harder the prompt is pushed than each generated token. 1 (a constant push) for every method:
+on ``saealign eval steer-bench`` the boost looked like a gain on the screening seeds and was none on the
+held-out ones (add 0.2 with the prompt at x3: 0.729 hit rate at 1.130x judge perplexity over seeds 0-3, against
+0.727 at 1.131x for the constant 0.25), and it cost prompting + steering 7 points (docs/results.md)."""
 PROMPT_BOOST_MAX = 10.0
 
 STRENGTH_RANGE: dict[str, tuple[float, float]] = {
