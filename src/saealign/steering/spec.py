@@ -127,9 +127,10 @@ class GenerationSpec:
     prompt_boost: float | None = None
     """Additive methods: the prompt pass is pushed this many times harder than the generated tokens (1 = one
     push throughout; 0 = the prompt unpushed; None = :data:`DEFAULT_PROMPT_BOOST`, resolved on construction).
-    The prompt's push reaches every later token through the attention cache, so it sets the topic where a push
-    on each new token would keep costing fluency (docs/results.md). With ``steer_prompt=False`` it applies to
-    the last prompt position alone."""
+    The prompt's push reaches every later token through the attention cache, so a harder push there might set
+    the topic more cheaply than a harder push on every new token; on the benchmark it did not, at equal
+    perplexity (docs/results.md, run 5). With ``steer_prompt=False`` it applies to the last prompt position
+    alone."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
