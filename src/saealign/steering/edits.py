@@ -31,9 +31,7 @@ from torch import Tensor
 
 from saealign.errors import SaealignError
 from saealign.sae.autoencoder import SAE
-from saealign.steering.spec import METHODS, MODES, STRENGTH_RANGE
-
-ADDITIVE = ("add", "swap_add")
+from saealign.steering.spec import ADDITIVE, METHODS, MODES, STRENGTH_RANGE
 
 
 @dataclass(frozen=True)

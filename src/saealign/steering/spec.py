@@ -17,6 +17,9 @@ METHODS = ("none", "sae", "clamp", "swap", "weight", "add", "swap_add")
 """``none`` (no edit), ``sae`` (the SAE alone), the paper's ``clamp``/``swap``/``weight``, and the additive
 methods: ``add`` (topic direction built from the decoder rows of the best latents) and ``swap_add``
 (Swap's re-ranking plus that direction). See :mod:`saealign.steering.edits`."""
+ADDITIVE = ("add", "swap_add")
+"""Methods that push along a topic direction (and read ``n_latents``, ``output_scores``, ``contrast``,
+``feedback``, ``prompt_boost``)."""
 TOPIC_METHODS = ("clamp", "swap", "weight", "add", "swap_add")
 """Methods that need a topic."""
 STRENGTH_METHODS = ("swap", "weight", "add", "swap_add")
@@ -155,7 +158,7 @@ class GenerationSpec:
         if self.n_latents < 1:
             raise SaealignError(f"n_latents must be at least 1, got {self.n_latents}")
         high = STRENGTH_RANGE.get(self.method, (0.0, math.inf))[1]
-        pushes = self.method in ("add", "swap_add") and not self.is_auto
+        pushes = self.method in ADDITIVE and not self.is_auto
         boost = self.prompt_boost
         if boost is None:
             boost = 1.0 if self.feedback else DEFAULT_PROMPT_BOOST.get(self.method, 1.0)
