@@ -158,16 +158,16 @@ class GenerationSpec:
         if self.n_latents < 1:
             raise SaealignError(f"n_latents must be at least 1, got {self.n_latents}")
         high = STRENGTH_RANGE.get(self.method, (0.0, math.inf))[1]
-        pushes = self.method in ADDITIVE and not self.is_auto
+        push = 0.0 if self.is_auto or self.method not in ADDITIVE else float(self.strength)  # type: ignore[arg-type]
         boost = self.prompt_boost
         if boost is None:
             boost = 1.0 if self.feedback else DEFAULT_PROMPT_BOOST.get(self.method, 1.0)
-            if pushes and float(self.strength) > 0:  # type: ignore[arg-type]
-                boost = min(boost, max(1.0, high / float(self.strength)))  # type: ignore[arg-type]  # a strong push: less boost
+            if push > 0:  # a strong push: the default boost gives way
+                boost = min(boost, max(1.0, high / push))
             object.__setattr__(self, "prompt_boost", boost)
         if isinstance(boost, bool) or not isinstance(boost, (int, float)) or not 0 <= boost <= PROMPT_BOOST_MAX:
             raise SaealignError(f"prompt_boost must be a number from 0 to {PROMPT_BOOST_MAX:g}, got {boost!r}")
-        if pushes and float(self.strength) * boost > high:  # type: ignore[arg-type]
+        if push * boost > high:
             raise SaealignError(f"strength {self.strength} x prompt_boost {boost:g} pushes the prompt past {self.method}'s "
                                 f"largest strength ({high:g}): lower one of them")
 
