@@ -155,7 +155,10 @@ def test_bad_input(sae: SAE) -> None:
     no_embedder = Aligner(aligner.lm, sae, 0)
     with pytest.raises(SaealignError, match="needs an embedder"):
         no_embedder.generate(PROMPTS, topic(sae, 1), Spec(strength="auto"))
-    assert no_embedder.generate(PROMPTS, topic(sae, 1), Spec(strength=1, max_new_tokens=2))  # a number needs none
+    with pytest.raises(SaealignError, match="output_match=False"):  # the output match embeds the topic texts
+        no_embedder.generate(PROMPTS, topic(sae, 1), Spec(strength=1, max_new_tokens=2))
+    # a number without the output match needs no embedder
+    assert no_embedder.generate(PROMPTS, topic(sae, 1), Spec(strength=1, max_new_tokens=2, output_match=False))
     with pytest.raises(SaealignError, match="neutral prompts"):
         neutral_prompts(10_000)
     with pytest.raises(SaealignError, match="needs a method that reads a strength"):

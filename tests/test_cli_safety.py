@@ -137,7 +137,7 @@ def test_score_csv_equals_the_saved_scores_and_generate_reads_it(files: Files, t
     assert np.array_equal(saved.scores, imported.scores) and np.array_equal(saved.scored, imported.scored)
     # generating from the CSV is generating from the folder: same scores, same steering
     gen = ["generate", *stack(files), "the cat", "--strength", 1, "--greedy", "--max-new-tokens", 4, "--json",
-           "--no-contrast"]  # the CSV holds scores only: no texts to measure the activation contrast on
+           "--no-contrast", "--no-output-match"]  # the CSV holds scores only: no texts to measure either on
     from_csv, from_folder = run(*gen, "--scores", tmp_path / "s.csv"), run(*gen, "--scores", tmp_path / "s")
     assert from_csv.exit_code == 0, from_csv.output
     assert json.loads(from_csv.stdout)["text"] == json.loads(from_folder.stdout)["text"]
@@ -150,13 +150,15 @@ def test_csv_scores_without_texts_cannot_search_auto(files: Files, tmp_path: Pat
     one_error(run("generate", *stack(files), "the cat", "--scores", tmp_path / "s.csv"), "--no-contrast")
     one_error(run("generate", *stack(files), "the cat", "--no-contrast", "--feedback", "--scores", tmp_path / "s.csv"),
               "--no-feedback")
+    one_error(run("generate", *stack(files), "the cat", "--no-contrast", "--scores", tmp_path / "s.csv"),
+              "--no-output-match")
     assert watched == []
 
 
 def test_csv_of_another_width_is_one_line(files: Files, tmp_path: Path) -> None:
     (tmp_path / "s.csv").write_text("0.5\n0.25\n")
-    one_error(run("generate", *stack(files), "the cat", "--strength", 1, "--no-contrast", "--scores", tmp_path / "s.csv"),
-              "2 latents", "re-score")
+    one_error(run("generate", *stack(files), "the cat", "--strength", 1, "--no-contrast", "--no-output-match",
+                  "--scores", tmp_path / "s.csv"), "2 latents", "re-score")
 
 
 def test_score_csv_never_overwrites_a_user_file(files: Files, tmp_path: Path, watched: list[str]) -> None:

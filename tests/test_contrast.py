@@ -150,7 +150,7 @@ def test_aligner_fills_contrast_from_the_index_and_the_models_own_text(lm: Loade
 
     bare = Aligner(lm, sae, 0)  # no index: the model's own text alone is the reference
     stripped = TopicScores(topic.scores, topic.g, topic.n_prompts, topic.scored, TEXTS, sae_key=topic.sae_key)
-    spec = Spec("add", strength=0.5, greedy=True, max_new_tokens=3)
+    spec = Spec("add", strength=0.5, greedy=True, max_new_tokens=3, output_match=False)  # no embedder either
     bare.generate(["the cat"], stripped, spec)
     np.testing.assert_allclose(stripped.contrast, np.maximum(by_hand_mean(lm, sae, TEXTS) - own_mean, 0),
                                rtol=1e-4, atol=1e-6)
@@ -160,4 +160,7 @@ def test_aligner_fills_contrast_from_the_index_and_the_models_own_text(lm: Loade
     basis = directions.SteeringBasis(np.ones(sae.d_sae, np.float32), 1.0, "k", np.zeros(sae.d_sae, np.float32))
     with pytest.raises(SaealignError, match="carry no activation contrast"):
         directions_for(sae, spec, [bare_topic], [0], [0.5], basis)
-    assert directions_for(sae, Spec("add", contrast=False), [bare_topic], [0], [0.5], basis).shape == (1, sae.d_in)
+    with pytest.raises(SaealignError, match="needs each topic's output match"):
+        directions_for(sae, Spec("add", contrast=False), [bare_topic], [0], [0.5], basis)
+    plain = Spec("add", contrast=False, output_match=False)
+    assert directions_for(sae, plain, [bare_topic], [0], [0.5], basis).shape == (1, sae.d_in)

@@ -127,5 +127,7 @@ def test_default_rows_compare_the_boosted_default_with_the_constant_push() -> No
     assert rows["add 0.25 constant push"].spec == Spec(strength=0.25, prompt_boost=1)
     assert rows["add auto prompt x4"].spec.is_auto and rows["add auto prompt x4"].spec.boost == 4
     assert rows["add 0.35 with feedback"].spec == Spec(feedback=True)  # the feedback's own strength and boost
+    assert rows["add 0.2 prompt x4 without output match"].spec == Spec(strength=0.2, prompt_boost=4, output_match=False)
+    assert not any("output match" in c.label for c in default_conditions(Spec(output_match=False)))
     assert [c.label for c in default_conditions(Spec("add", strength=0.25, prompt_boost=1))][3:7] == [
         "default (add 0.25)", "add 0.2", "add 0.3", "add 0.2 prompt x3"]

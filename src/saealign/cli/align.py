@@ -40,7 +40,7 @@ SPEC_OPTIONS = [
     click.option("--mode", type=click.Choice(MODES), default="error", show_default=True,
                  help="error: keep the SAE's reconstruction error; replace: layer output = SAE decode (the paper)"),
     click.option("--strength", default=None,
-                 help="how hard the method steers (add: x median residual norm, default 0.25; Swap/Weight: "
+                 help="how hard the method steers (add: x median residual norm, default 0.225; Swap/Weight: "
                       "scores**strength, default 1 = the paper); auto: the strongest within the fluency budget, "
                       "searched once per topic"),
     click.option("--max-new-tokens", default=64, show_default=True),
@@ -60,6 +60,9 @@ SPEC_OPTIONS = [
     click.option("--contrast/--no-contrast", default=True, show_default=True,
                  help="additive methods: weigh latents by how much more they fire on the topic texts than on "
                       "reference text (the corpus and the model's own unsteered text)"),
+    click.option("--output-match/--no-output-match", default=True, show_default=True,
+                 help="additive methods: weigh latents by how near the words they make the model say are to the "
+                      "topic texts"),
     click.option("--feedback/--no-feedback", default=False, show_default=True,
                  help="additive methods: fade the push as the generated text reads like the topic"),
     click.option("--prompt-boost", type=float, default=None,
@@ -227,10 +230,10 @@ def _read_scores(path: Path, texts: list[str] | None, spec: GenerationSpec) -> T
     elif spec.is_auto and spec.method in STRENGTH_METHODS:
         raise SaealignError(f"--scores {path} holds scores only, and --strength auto measures distance to the topic "
                             "texts: give --strength NUMBER, or the texts with --topic-file/--topic")
-    elif spec.method in ADDITIVE and (spec.contrast or spec.feedback):
-        raise SaealignError(f"--scores {path} holds scores only, and {spec.method} reads the topic texts' activations "
-                            f"({'contrast' if spec.contrast else 'feedback'}): give the texts with --topic-file/--topic, "
-                            f"or steer with {'--no-contrast' if spec.contrast else '--no-feedback'}")
+    elif spec.method in ADDITIVE and (spec.contrast or spec.feedback or spec.output_match):
+        option = "contrast" if spec.contrast else "feedback" if spec.feedback else "output-match"
+        raise SaealignError(f"--scores {path} holds scores only, and {spec.method} reads the topic texts ({option}): "
+                            f"give the texts with --topic-file/--topic, or steer with --no-{option}")
     return topic
 
 

@@ -72,7 +72,7 @@ def condition_name(spec: GenerationSpec) -> str:
 def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondition]:
     """none, prompting, prompting + the default, the default, its neighbours (strength ± 0.05, the constant push
     for a boosted default or the prompt boost for a constant one, auto, the direction without the activation
-    contrast, the topic feedback), the paper's Swap, and the hybrid swap_add."""
+    contrast and without the output match, the topic feedback), the paper's Swap, and the hybrid swap_add."""
     default = default or GenerationSpec()
     out = [BenchCondition("none", GenerationSpec(method="none")),
            BenchCondition("prompting", GenerationSpec(method="none"), prompting=True),
@@ -91,6 +91,9 @@ def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondi
         auto = replace(default, strength="auto")
         out += [BenchCondition(condition_name(auto), auto),
                 BenchCondition(f"{condition_name(default)} without contrast", replace(default, contrast=False))]
+        if default.output_match:
+            out += [BenchCondition(f"{condition_name(default)} without output match",
+                                   replace(default, output_match=False))]
         if not default.feedback:
             faded = replace(default, feedback=True, strength=None, prompt_boost=None)  # the feedback's own defaults
             out += [BenchCondition(f"{condition_name(faded)} with feedback", faded)]

@@ -38,6 +38,13 @@ from saealign.sae.autoencoder import SAE, sae_key
 from saealign.steering import plan as planning
 from saealign.steering import strength as search
 from saealign.steering.decoding import Detokenizer, Sampling, decode_steps, row_generator
+from saealign.steering.descriptions import (
+    DESCRIBE,
+    LatentDescriptions,
+    description_embeddings,
+    load_or_measure_descriptions,
+    output_match,
+)
 from saealign.steering.directions import DEFAULT_TEXT, SteeringBasis, load_or_measure_basis
 from saealign.steering.edits import ADDITIVE
 from saealign.steering.generation import Generation, RowRecord, TokenEvent
@@ -72,6 +79,9 @@ class Aligner:
         """How ``strength="auto"`` searches (see :mod:`saealign.steering.strength`); replace to change the budget."""
         self._probes: dict[str, NeutralProbe] = {}
         self._basis: SteeringBasis | None = None
+        self._descriptions: LatentDescriptions | None = None
+        self._description_embeddings: np.ndarray | None = None
+        self._matches: dict[tuple[str, ...], np.ndarray] = {}
         self.special_ids = special_token_ids(lm.tokenizer)
         """Token ids whose positions are never edited (see :func:`saealign.steering.decoding.decode_steps`)."""
         self.sae_key = sae_key(sae)
@@ -187,6 +197,33 @@ class Aligner:
             self._basis = load_or_measure_basis(self.lm, self.sae, self.layer, neutral_prompts(4), self.default_texts)
         return self._basis
 
+    def latent_descriptions(self) -> LatentDescriptions:
+        """What each latent makes the model say (:mod:`saealign.steering.descriptions`): shipped for the defaults,
+        else measured once (a minute or two on a CPU) and cached on disk."""
+        if self._descriptions is None:
+            self._descriptions = load_or_measure_descriptions(
+                self.lm, self.sae, self.layer, neutral_prompts(int(DESCRIBE["prompts"])),
+                self.steering_basis().residual_norm)
+        return self._descriptions
+
+    def output_match(self, topic: TopicScores) -> np.ndarray:
+        """``[d_sae]`` how near the words each latent makes the model say are to ``topic``'s texts
+        (:func:`saealign.steering.descriptions.output_match`; remembered per topic texts)."""
+        if self.embedder is None:
+            raise SaealignError("the output match embeds the topic texts and the latents' descriptions: pass "
+                                "embedder= to Aligner, or steer with output_match=False")
+        if not topic.topic_texts:
+            raise SaealignError("these topic scores hold no topic texts to read the output match from: re-score the "
+                                "topic, or steer with output_match=False")
+        key = tuple(topic.topic_texts)
+        if key not in self._matches:
+            if self._description_embeddings is None:
+                self._description_embeddings = description_embeddings(self.latent_descriptions(), self.embedder)
+            if len(self._matches) >= 256:  # a server sees many topics: keep the memory bounded
+                self._matches.pop(next(iter(self._matches)))
+            self._matches[key] = output_match(self._description_embeddings, self.embedder.embed(list(key)))
+        return self._matches[key]
+
     def default_texts(self) -> list[str]:
         """The model's own unsteered text: every neutral prompt continued with each of :data:`DEFAULT_TEXT`'s seeds
         (prompt + continuation), what :attr:`SteeringBasis.default_mean` is measured on."""
@@ -227,7 +264,9 @@ class Aligner:
             max_act = torch.as_tensor(self.index.latent_max_act, device=self.sae.W_enc.device)
         basis = self.steering_basis() if spec.method in ADDITIVE and topics else None
         reference = self.reference_mean() if spec.method in ADDITIVE and spec.feedback and topics else None
-        hook = planning.make_hook(self.sae, spec, topics, per_row, strengths, max_act, basis, reference)
+        matches = ({i: self.output_match(topics[i]) for i in sorted({j for j in per_row if j is not None})}
+                   if spec.method in ADDITIVE and spec.output_match and topics else None)
+        hook = planning.make_hook(self.sae, spec, topics, per_row, strengths, max_act, basis, reference, matches)
         generators = [row_generator(s, t) for s, t in zip(seeds, texts, strict=True)]
         return Plan(prompts, list(rows), generators, seeds, per_row, hook, strengths, spec)
 

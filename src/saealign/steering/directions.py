@@ -4,10 +4,11 @@ Swap only re-ranks the latents a context already activates, so it cannot bring i
 lacks. The additive methods add ``strength × ρ × v`` to the residual stream at the SAE's layer, where
 
 - ``v`` is the unit vector along ``Σ_i w_i · d_i / |d_i|`` over the ``n_latents`` latents of largest
-  ``w_i = score_i × output_i × contrast_i`` (``d_i`` the decoder row of latent i, ``score_i`` its M1 topic
-  score, ``contrast_i`` how much more it fires on the topic texts than on reference text,
-  :mod:`saealign.reference.contrast`; each factor can be left out with the spec's ``output_scores`` and
-  ``contrast``);
+  ``w_i = score_i × output_i × contrast_i × match_i`` (``d_i`` the decoder row of latent i, ``score_i`` its M1
+  topic score, ``contrast_i`` how much more it fires on the topic texts than on reference text,
+  :mod:`saealign.reference.contrast`, ``match_i`` how near the words it makes the model say are to the topic
+  texts, :mod:`saealign.steering.descriptions`; each factor can be left out with the spec's ``output_scores``,
+  ``contrast`` and ``output_match``);
 - ``output_i`` is the latent's *output score* (after Arad, Mueller & Belinkov 2025, "SAEs are good for
   steering, if you select the right features"): how much probability the latent's own logit-lens
   tokens gain when the latent is added at the last position of neutral prompts, as a rank percentile
@@ -29,7 +30,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,23 +94,24 @@ def unit_decoder(sae: SAE) -> Tensor:
 
 
 def topic_direction(sae: SAE, scores: Tensor, n_latents: int, output_scores: Tensor | None = None,
-                    contrast: Tensor | None = None) -> Tensor:
+                    contrast: Tensor | None = None, match: Tensor | None = None) -> Tensor:
     """The unit ``[d_in]`` float32 direction of a topic: see the module docstring.
 
     ``scores [d_sae]`` the M1 scores in [0, 1]; ``output_scores [d_sae]`` in [0, 1] or None (scores alone);
-    ``contrast [d_sae]`` >= 0 (topic-vs-reference mean activation) or None.
+    ``contrast [d_sae]`` >= 0 (topic-vs-reference mean activation) or None; ``match [d_sae]`` >= 0 (how near the
+    words each latent makes the model say are to the topic, :func:`saealign.steering.descriptions.output_match`)
+    or None.
     """
     w = scores.detach().float().cpu()
-    if output_scores is not None:
-        w = w * output_scores.detach().float().cpu()
-    if contrast is not None:
-        w = w * contrast.detach().float().cpu()
+    for factor in (output_scores, contrast, match):
+        if factor is not None:
+            w = w * factor.detach().float().cpu()
     w = torch.nan_to_num(w, nan=0.0).clamp_min(0)
     k = min(n_latents, int((w > 0).sum()))
     if k == 0:
-        raise SaealignError("no latent scores for this topic, has an output effect and fires more on the topic texts "
-                            "than on the reference: nothing to steer along (use a method without a direction, e.g. "
-                            "swap, or give more topic texts)")
+        raise SaealignError("no latent scores for this topic, has an output effect, fires more on the topic texts "
+                            "than on the reference and makes the model say topic-like words: nothing to steer along "
+                            "(use a method without a direction, e.g. swap, or give more topic texts)")
     values, idx = w.topk(k)
     v = (values.unsqueeze(1) * unit_decoder(sae).cpu()[idx]).sum(dim=0)
     norm = v.norm()
@@ -172,6 +174,29 @@ def measure_basis(lm: LoadedModel, sae: SAE, layer: int, prompts: Sequence[str],
         raise SaealignError(f"the residual stream at layer {layer} has norm {rho}: cannot scale a direction to it")
 
     gains = torch.zeros(dirs.shape[0], dtype=torch.float64)
+    bar = tqdm(total=len(encoded) * dirs.shape[0], desc="output scores", unit="latent", disable=not progress)
+    for ids in encoded:
+        for start, base_logits, logits in pushed_last_logits(model, block, ids, dirs * (scale * rho), chunk):
+            base = torch.softmax(base_logits, -1)
+            probs = torch.softmax(logits, dim=-1)
+            tokens = top_tokens[start:start + logits.shape[0]]
+            gain = probs.gather(1, tokens).sum(1) - base[tokens].sum(1)
+            gains[start:start + logits.shape[0]] += gain.double().cpu() / len(encoded)
+            bar.update(logits.shape[0])
+    bar.close()
+    default_mean = mean_activation(lm, sae, layer, default_texts).astype(np.float32)
+    return SteeringBasis(rank_scores(gains.numpy()), rho, basis_key(lm, sae, layer), default_mean)
+
+
+def pushed_last_logits(model: Any, block: Any, ids: Sequence[int], pushes: Tensor,
+                       chunk: int = 256) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """For one prompt ``ids``: its next-token logits at the last position unpushed, and with each row of ``pushes``
+    ``[n, d_model]`` added to ``block``'s output there, ``chunk`` rows per forward call.
+
+    Yields ``(start, base [vocab], logits [rows, vocab])`` (float32) per chunk of rows ``start:start + rows``. The
+    prefix runs once; each chunk reuses a copy of its KV cache, so a push touches the last position alone.
+    """
+    device = next(model.parameters()).device
     add: dict[str, Tensor] = {}
 
     def hook(_mod: Any, _inp: Any, output: Any) -> Any:
@@ -181,33 +206,21 @@ def measure_basis(lm: LoadedModel, sae: SAE, layer: int, prompts: Sequence[str],
 
     # transformers 5 renamed ``past_key_values`` to ``cache``; 4.x only knows the old name
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    bar = tqdm(total=len(encoded) * dirs.shape[0], desc="output scores", unit="latent", disable=not progress)
-    for ids in encoded:
-        prefix = torch.tensor([ids[:-1]], device=device)
-        cache_out = model(input_ids=prefix, use_cache=True)
-        base_cache = cache_out.past_key_values
-        last = torch.tensor([[ids[-1]]], device=device)
-        base = torch.softmax(model(input_ids=last, **{cache_name: copy.deepcopy(base_cache)}).logits[0, -1].float(), -1)
-        for start in range(0, dirs.shape[0], chunk):
-            stop = min(start + chunk, dirs.shape[0])
-            n = stop - start
-            cache = copy.deepcopy(base_cache)
-            cache.batch_repeat_interleave(n)
-            add["v"] = dirs[start:stop] * (scale * rho)
-            handle = block.register_forward_hook(hook, prepend=True)
-            try:
-                logits = model(input_ids=last.expand(n, 1), **{cache_name: cache}).logits[:, -1].float()
-            finally:
-                handle.remove()
-            probs = torch.softmax(logits, dim=-1)
-            tokens = top_tokens[start:stop]
-            gain = probs.gather(1, tokens).sum(1) - base[tokens].sum(1)
-            gains[start:stop] += gain.double().cpu() / len(encoded)
-            bar.update(n)
-    bar.close()
-    default_mean = mean_activation(lm, sae, layer, default_texts).astype(np.float32)
-    return SteeringBasis(rank_scores(gains.numpy()), rho, basis_key(lm, sae, layer), default_mean)
-
+    prefix = torch.tensor([list(ids[:-1])], device=device)
+    base_cache = model(input_ids=prefix, use_cache=True).past_key_values
+    last = torch.tensor([[ids[-1]]], device=device)
+    base = model(input_ids=last, **{cache_name: copy.deepcopy(base_cache)}).logits[0, -1].float()
+    for start in range(0, pushes.shape[0], chunk):
+        stop = min(start + chunk, pushes.shape[0])
+        cache = copy.deepcopy(base_cache)
+        cache.batch_repeat_interleave(stop - start)
+        add["v"] = pushes[start:stop]
+        handle = block.register_forward_hook(hook, prepend=True)
+        try:
+            logits = model(input_ids=last.expand(stop - start, 1), **{cache_name: cache}).logits[:, -1].float()
+        finally:
+            handle.remove()
+        yield start, base, logits
 
 def rank_scores(gains: np.ndarray) -> np.ndarray:
     """``[d_sae]`` float32: each positive gain's rank percentile in (0, 1] (ties share a rank); 0 where gain <= 0."""

@@ -75,10 +75,16 @@ def steering(spec: GenerationSpec, strength: float) -> Steering:
 
 
 def directions_for(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
-                   strengths: list[float], basis: SteeringBasis) -> Tensor:
-    """``[batch, d_in]`` what the additive methods add to each row: strength × ρ × the row's topic direction."""
+                   strengths: list[float], basis: SteeringBasis, matches: dict[int, np.ndarray] | None = None) -> Tensor:
+    """``[batch, d_in]`` what the additive methods add to each row: strength × ρ × the row's topic direction.
+
+    ``matches`` holds each topic's output match (by topic index) when ``spec.output_match`` is on."""
     out = torch.as_tensor(basis.output_scores) if spec.output_scores else None
-    unit = {i: topic_direction(sae, topics[i].as_tensor(unscored="drop"), spec.n_latents, out, _contrast(topics[i], spec))
+    if spec.output_match and matches is None:
+        raise SaealignError("output_match needs each topic's output match: steer through Aligner.generate, or with "
+                            "output_match=False")
+    unit = {i: topic_direction(sae, topics[i].as_tensor(unscored="drop"), spec.n_latents, out, _contrast(topics[i], spec),
+                               torch.as_tensor(matches[i]) if spec.output_match and matches is not None else None)
             for i in sorted({j for j in per_row if j is not None})}
     rows = [unit[t] * (s * basis.residual_norm) if t is not None else torch.zeros(sae.d_in)
             for t, s in zip(per_row, strengths, strict=True)]
@@ -186,10 +192,12 @@ def resolve_topics(
 
 def make_hook(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
               strengths: list[float], max_act: Tensor | None,
-              basis: SteeringBasis | None = None, reference: np.ndarray | None = None) -> SteeringHook | None:
+              basis: SteeringBasis | None = None, reference: np.ndarray | None = None,
+              matches: dict[int, np.ndarray] | None = None) -> SteeringHook | None:
     """The hook that steers (and measures) the batch; None when nothing is edited or measured.
 
-    ``reference`` (the contrast's reference mean) is needed by the topic feedback (``spec.feedback``)."""
+    ``reference`` (the contrast's reference mean) is needed by the topic feedback (``spec.feedback``), ``matches``
+    (each topic's output match) by ``spec.output_match``."""
     device = sae.W_enc.device
     if not topics:
         if spec.method == "sae":  # nothing to measure without a topic, but the SAE still edits
@@ -201,7 +209,7 @@ def make_hook(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], per_row
     if spec.method in ADDITIVE:
         if basis is None:
             raise SaealignError(f"{spec.method} needs the steering basis of this model and SAE (output scores)")
-        direction = directions_for(sae, spec, topics, per_row, strengths, basis)
+        direction = directions_for(sae, spec, topics, per_row, strengths, basis, matches)
         if scores.dim() == 1:
             scores = scores.expand(len(per_row), -1).contiguous()
         return SteeringHook(sae, steering(spec, 1.0), scores, max_act, direction=direction,

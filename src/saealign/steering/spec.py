@@ -19,7 +19,7 @@ methods: ``add`` (topic direction built from the decoder rows of the best latent
 (Swap's re-ranking plus that direction). See :mod:`saealign.steering.edits`."""
 ADDITIVE = ("add", "swap_add")
 """Methods that push along a topic direction (and read ``n_latents``, ``output_scores``, ``contrast``,
-``feedback``, ``prompt_boost``)."""
+``output_match``, ``feedback``, ``prompt_boost``)."""
 TOPIC_METHODS = ("clamp", "swap", "weight", "add", "swap_add")
 """Methods that need a topic."""
 STRENGTH_METHODS = ("swap", "weight", "add", "swap_add")
@@ -34,12 +34,12 @@ AUTO = "auto"
 DEFAULT_METHOD = "add"
 """What a request with a topic and no method gets: chosen by ``saealign eval steer-bench`` (docs/results.md)."""
 
-DEFAULT_STRENGTH: dict[str, float] = {"swap": 1.0, "weight": 1.0, "add": 0.25, "swap_add": 0.3}
+DEFAULT_STRENGTH: dict[str, float] = {"swap": 1.0, "weight": 1.0, "add": 0.225, "swap_add": 0.3}
 """What ``strength=None`` (a request that names none) means per method. Swap and Weight: the paper's 1. The
-additive methods: 0.25 (add) and 0.3 (swap_add) × the median residual norm, chosen by ``saealign eval
-steer-bench`` (docs/results.md): the strongest push whose judge perplexity stays near the unsteered text's over
-the benchmark's 12 topics, one global number (no per-topic tuning); ``"auto"`` searches a strength per topic
-instead."""
+additive methods: 0.225 (add, with the output match) and 0.3 (swap_add) × the median residual norm, chosen by
+``saealign eval steer-bench`` (docs/results.md): the strongest push whose judge perplexity stays near the
+unsteered text's over the benchmark's 12 topics, one global number (no per-topic tuning); ``"auto"`` searches a
+strength per topic instead."""
 FEEDBACK_STRENGTH: dict[str, float] = {**DEFAULT_STRENGTH, "add": 0.35}
 """The same with ``feedback=True``: the push is full only while the text is off topic, so add's is higher."""
 
@@ -123,6 +123,9 @@ class GenerationSpec:
     """Additive methods: weigh each latent also by how much more it fires on the topic texts than on reference
     text, the corpus and the model's own (:mod:`saealign.reference.contrast`; False: M1 scores and output scores
     alone)."""
+    output_match: bool = True
+    """Additive methods: weigh each latent also by how near the words it makes the model say are to the topic texts
+    (:mod:`saealign.steering.descriptions`; needs the aligner's embedder; False: leave that factor out)."""
     feedback: bool = False
     """Additive methods: fade the push, row by row, as the generated text reads like the topic
     (:mod:`saealign.steering.feedback`; False: a constant push). Its default strength is higher

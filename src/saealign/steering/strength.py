@@ -318,5 +318,5 @@ def cache_key(aligner: Aligner, spec: GenerationSpec, cfg: AutoStrengthConfig) -
     spec's steering options and the search configuration."""
     steering = {k: v for k, v in spec.to_json().items()
                 if k in ("method", "mode", "steer_prompt", "unscored", "n_latents", "output_scores", "contrast",
-                         "feedback", "prompt_boost")}
+                         "output_match", "feedback", "prompt_boost")}
     return f"{aligner.lm.key[:8]}-{aligner.sae_key[:8]}-L{aligner.layer}-{spec.method}-{hash_json(steering)[:8]}-{cfg.key()}"
