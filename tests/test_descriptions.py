@@ -164,3 +164,9 @@ def test_generation_reads_the_output_match_and_needs_an_embedder(lm: LoadedModel
         bare.generate(["the cat"], topic, spec)
     assert bare.generate(["the cat"], topic, Spec("add", strength=1, greedy=True, max_new_tokens=5, contrast=False,
                                                   output_match=False))
+
+
+def test_a_model_without_an_unembedding_is_one_error(lm: LoadedModel, sae: SAE, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lm.model, "get_output_embeddings", lambda: None)
+    with pytest.raises(SaealignError, match="no output embedding"):
+        descriptions.promoted_tokens(lm, sae, 0, PROMPTS, 3.0, progress=False)

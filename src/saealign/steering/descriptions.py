@@ -21,6 +21,7 @@ Latents with no whole-word promoted token have no description and match 0.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Sequence
@@ -38,7 +39,7 @@ from saealign.models import LoadedModel
 from saealign.reference.embed import TextEmbedder
 from saealign.residual_stream import layer_module
 from saealign.sae.autoencoder import SAE
-from saealign.steering.directions import basis_key, pushed_last_logits, unit_decoder
+from saealign.steering.directions import basis_key, pushed_last_logits, unembedding, unit_decoder
 
 DESCRIBE = {"prompts": 8, "scale": 0.5, "tokens": 20}
 """How descriptions are measured: neutral prompts averaged over, the push (× ρ) and how many promoted tokens
@@ -104,7 +105,7 @@ def promoted_tokens(lm: LoadedModel, sae: SAE, layer: int, prompts: Sequence[str
     if not encoded or any(len(ids) < 2 for ids in encoded):
         raise SaealignError("latent descriptions need neutral prompts of at least 2 tokens")
     dirs = unit_decoder(sae).to(device) * (scale * rho)
-    n_tokens = min(n_tokens, int(model.get_output_embeddings().weight.shape[0]))
+    n_tokens = min(n_tokens, int(unembedding(model).shape[0]))  # one clear error for a model without one
     out = np.zeros((dirs.shape[0], n_tokens), dtype=np.int64)
     bar = tqdm(total=dirs.shape[0], desc="latent descriptions", unit="latent", disable=not progress)
     # latents outer, prompts inner: only one chunk's [rows, vocab] sum is held at a time
@@ -190,8 +191,6 @@ def _file_key(key: str, prompts: Sequence[str], rho: float) -> str:
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
