@@ -20,8 +20,8 @@ from saealign.cli.common import (
     stack_options,
 )
 from saealign.errors import SaealignError
-from saealign.steering.edits import ADDITIVE
 from saealign.steering.spec import (
+    ADDITIVE,
     DEFAULT_METHOD,
     DEFAULT_PROMPT_BOOST,
     METHODS,

@@ -33,9 +33,8 @@ from saealign.evaluate.topic_classifier import TopicClassifier
 from saealign.models import LoadedModel
 from saealign.reference.scoring import TopicScores
 from saealign.steering.aligner import Aligner
-from saealign.steering.edits import ADDITIVE
 from saealign.steering.generation import Generation
-from saealign.steering.spec import GenerationSpec
+from saealign.steering.spec import ADDITIVE, GenerationSpec
 
 OPENERS = Path(__file__).resolve().parent.parent / "data" / "bench_openers.txt"
 INSTRUCTION = "The following text is about {title}.\n\n"

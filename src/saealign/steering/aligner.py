@@ -46,10 +46,9 @@ from saealign.steering.descriptions import (
     output_match,
 )
 from saealign.steering.directions import DEFAULT_TEXT, SteeringBasis, load_or_measure_basis
-from saealign.steering.edits import ADDITIVE
 from saealign.steering.generation import Generation, RowRecord, TokenEvent
 from saealign.steering.plan import Plan, TopicArg
-from saealign.steering.spec import GenerationSpec
+from saealign.steering.spec import ADDITIVE, GenerationSpec
 from saealign.steering.strength import AutoStrengthConfig, NeutralProbe, StrengthChoice, neutral_prompts
 
 __all__ = ["Aligner", "Generation", "TokenEvent", "TopicArg"]

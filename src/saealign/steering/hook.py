@@ -16,8 +16,9 @@ from torch.utils.hooks import RemovableHandle
 
 from saealign.errors import SaealignError
 from saealign.sae.autoencoder import SAE
-from saealign.steering.edits import ADDITIVE, Steering, apply_edit
+from saealign.steering.edits import Steering, apply_edit
 from saealign.steering.feedback import TopicFeedback
+from saealign.steering.spec import ADDITIVE
 
 
 def _with_hidden(output: object, hidden: Tensor) -> object:

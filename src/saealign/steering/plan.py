@@ -20,10 +20,10 @@ from saealign.models import LoadedModel
 from saealign.reference.scoring import TopicScores
 from saealign.sae.autoencoder import SAE
 from saealign.steering.directions import SteeringBasis, topic_direction
-from saealign.steering.edits import ADDITIVE, Steering
+from saealign.steering.edits import Steering
 from saealign.steering.feedback import TopicFeedback
 from saealign.steering.hook import SteeringHook
-from saealign.steering.spec import STRENGTH_METHODS, GenerationSpec, parse_strength
+from saealign.steering.spec import ADDITIVE, STRENGTH_METHODS, GenerationSpec, parse_strength
 
 TopicArg = TopicScores | Sequence[TopicScores] | Sequence[str] | str | None
 """A topic argument: scores, several scores (with ``topic_per_row``), topic texts, or None."""

@@ -40,8 +40,7 @@ from saealign.cache import hash_json
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
 from saealign.reference.embed import min_distances
-from saealign.steering.edits import ADDITIVE
-from saealign.steering.spec import STRENGTH_METHODS, STRENGTH_RANGE, GenerationSpec
+from saealign.steering.spec import ADDITIVE, STRENGTH_METHODS, STRENGTH_RANGE, GenerationSpec
 
 if TYPE_CHECKING:
     from saealign.reference.embed import TextEmbedder
