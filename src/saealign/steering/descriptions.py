@@ -108,17 +108,17 @@ def promoted_tokens(lm: LoadedModel, sae: SAE, layer: int, prompts: Sequence[str
     n_tokens = min(n_tokens, int(unembedding(model).shape[0]))  # one clear error for a model without one
     out = np.zeros((dirs.shape[0], n_tokens), dtype=np.int64)
     bar = tqdm(total=dirs.shape[0], desc="latent descriptions", unit="latent", disable=not progress)
-    # latents outer, prompts inner: only one chunk's [rows, vocab] sum is held at a time
-    for start in range(0, dirs.shape[0], chunk):
-        stop = min(start + chunk, dirs.shape[0])
-        total: torch.Tensor | None = None
-        for ids in encoded:
-            for _, base, logits in pushed_last_logits(model, block, ids, dirs[start:stop], chunk):
-                delta = torch.log_softmax(logits, -1) - torch.log_softmax(base, -1)
-                total = delta if total is None else total + delta
-        assert total is not None
-        out[start:stop] = total.topk(n_tokens, dim=-1).indices.cpu().numpy()
-        bar.update(stop - start)
+    # one probe per prompt, advanced chunk by chunk together: each prefix runs once, and only one chunk's
+    # [rows, vocab] sum is held at a time
+    probes = [pushed_last_logits(model, block, ids, dirs, chunk) for ids in encoded]
+    for chunks in zip(*probes, strict=True):
+        start, rows = chunks[0][0], chunks[0][2].shape[0]
+        deltas = [torch.log_softmax(logits, -1) - torch.log_softmax(base, -1) for _, base, logits in chunks]
+        total = deltas[0]
+        for delta in deltas[1:]:  # in prompt order, as the shipped descriptions were summed
+            total = total + delta
+        out[start:start + rows] = total.topk(n_tokens, dim=-1).indices.cpu().numpy()
+        bar.update(rows)
     bar.close()
     return out
 
