@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import saealign.steering.descriptions as descriptions
-from conftest import make_llama, make_sae, make_tokenizer
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
 from saealign.reference.embed import HashingEmbedder
@@ -23,14 +22,14 @@ from saealign.steering.spec import GenerationSpec as Spec
 PROMPTS = ["the cat sat on the", "a dog runs near the river"]
 
 
-@pytest.fixture(scope="module")
-def sae() -> SAE:
-    return make_sae()
+@pytest.fixture
+def sae(tiny_sae: SAE) -> SAE:
+    return tiny_sae
 
 
-@pytest.fixture(scope="module")
-def lm() -> LoadedModel:
-    return LoadedModel(model=make_llama(), tokenizer=make_tokenizer(), name="tiny", key="tiny", load_seconds=0.0)
+@pytest.fixture
+def lm(tiny_lm: LoadedModel) -> LoadedModel:
+    return tiny_lm
 
 
 def test_describe_keeps_distinct_whole_words_in_order(lm: LoadedModel) -> None:
