@@ -57,6 +57,7 @@ def test_greedy_steering_picks_the_same_tokens_on_cuda(tmp_path: Path, monkeypat
         on_gpu = gpu.generate(PROMPTS, topic, spec)
         assert [g.token_ids for g in on_gpu] == [g.token_ids for g in on_cpu], name
         for a, b in zip(on_gpu, on_cpu, strict=True):
+            assert a.token_contamination is not None and b.token_contamination is not None
             np.testing.assert_allclose(a.token_contamination, b.token_contamination, atol=1e-4, err_msg=name)
     # output scores are rank percentiles and promoted tokens are top-k lists: a float near-tie may swap one
     # neighbouring pair, nothing more
