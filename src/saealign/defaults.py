@@ -28,6 +28,9 @@ from saealign.sae.formats import check_sae_fits, load_sae
 PACKAGE_DATA = Path(__file__).parent / "data"
 DEFAULT_SAE_DIR = PACKAGE_DATA / "sae" / "smollm2-135m-instruct"
 DEFAULT_LAYER = 15
+COMPANION_LAYER = 6
+"""The block whose shipped SAE the additive methods push beside the default one (``GenerationSpec.companion_push``;
+docs/results.md, run 7)."""
 """The default steering layer (see docs/results.md for the measurements behind the choice)."""
 DEFAULT_INDEX_PROMPTS = 20_000
 """Stratified WordNet sample size of the default index (coverage of live latents: see docs)."""
@@ -57,6 +60,15 @@ def resolve_sae(spec: str) -> SAE:
             raise SaealignError(f"no default SAE for layer {layer}: shipped layers are {default_layers()}")
         return load_sae(folder, dtype=dtype)
     return load_sae(spec, dtype=dtype)
+
+
+def default_companion(model: str = "default", sae_spec: str = "default",
+                      layer: int | None = None) -> tuple[SAE, int] | None:
+    """The shipped block-6 SAE and its layer, the companion of the embedded default stack (the default model with its
+    SAE at :data:`DEFAULT_LAYER`); None for any other stack, which steers at its one layer unless given one."""
+    if model != "default" or sae_spec not in ("default", f"default:{DEFAULT_LAYER}") or layer not in (None, DEFAULT_LAYER):
+        return None
+    return resolve_sae(f"default:{COMPANION_LAYER}"), COMPANION_LAYER
 
 
 def shared_data_dir() -> Path | None:

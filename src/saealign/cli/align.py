@@ -22,6 +22,7 @@ from saealign.cli.common import (
 from saealign.errors import SaealignError
 from saealign.steering.spec import (
     ADDITIVE,
+    DEFAULT_COMPANION_PUSH,
     DEFAULT_METHOD,
     DEFAULT_PROMPT_BOOST,
     METHODS,
@@ -68,6 +69,10 @@ SPEC_OPTIONS = [
     click.option("--prompt-boost", type=float, default=None,
                  help="additive methods: push the prompt this many times harder than each generated token "
                       f"(default {DEFAULT_PROMPT_BOOST['add']:g}: one push throughout)"),
+    click.option("--companion-push", type=float, default=None,
+                 help="additive methods: also push at the companion layer (block 6 for the defaults), this many "
+                      "times as hard as the main layer, which then takes 2/3 of the strength; 0 = one layer "
+                      f"(default {DEFAULT_COMPANION_PUSH:.3g} where the stack has a companion layer, else 0)"),
 ]
 SPEC_FIELDS = {f.name for f in fields(GenerationSpec)}
 

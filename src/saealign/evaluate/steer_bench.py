@@ -62,16 +62,21 @@ def bench_openers(n: int) -> list[str]:
 
 
 def condition_name(spec: GenerationSpec) -> str:
-    """``"add 0.2 prompt x4"``: the method, its strength and, where it is not 1, the prompt boost."""
+    """``"add 0.2 prompt x4"``: the method, its strength, the prompt boost where it is not 1, and the companion push
+    where the spec names one (``one layer`` for 0; none named = the aligner's default)."""
     strength = spec.strength if isinstance(spec.strength, str) else f"{spec.strength:g}"
     boost = f" prompt x{spec.boost:g}" if spec.method in ADDITIVE and spec.boost != 1 else ""
-    return f"{spec.method} {strength}{boost}"
+    companion = ""
+    if spec.method in ADDITIVE and spec.companion_push is not None:
+        companion = " one layer" if spec.companion_push == 0 else f" companion x{spec.companion_push:.3g}"
+    return f"{spec.method} {strength}{boost}{companion}"
 
 
 def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondition]:
     """none, prompting, prompting + the default, the default, its neighbours (strength ± 0.05, the constant push
-    for a boosted default or the prompt boost for a constant one, auto, the direction without the activation
-    contrast and without the output match, the topic feedback), the paper's Swap, and the hybrid swap_add."""
+    for a boosted default, the main layer alone where the default has a companion push, auto, the direction without
+    the activation contrast and without the output match, the topic feedback), the paper's Swap, and the hybrid
+    swap_add. (The prompt boost, measured in run 5, is no longer a row: ``SteerBenchOptions.conditions`` can name it.)"""
     default = default or GenerationSpec()
     out = [BenchCondition("none", GenerationSpec(method="none")),
            BenchCondition("prompting", GenerationSpec(method="none"), prompting=True),
@@ -84,9 +89,9 @@ def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondi
         if default.boost != 1:  # the constant push the boost is measured against, at and above the default
             out += [BenchCondition(f"{default.method} {x:g} constant push", replace(default, strength=x, prompt_boost=1.0))
                     for x in sorted({0.25, 0.3})]
-        else:  # the prompt boost, an option (docs/results.md, run 5)
-            boosted = replace(default, strength=0.2, prompt_boost=3.0)
-            out += [BenchCondition(condition_name(boosted), boosted)]
+        if default.companion_push != 0:  # the same push at the main layer alone (docs/results.md, run 7)
+            alone = replace(default, companion_push=0.0)
+            out += [BenchCondition(condition_name(alone), alone)]
         auto = replace(default, strength="auto")
         out += [BenchCondition(condition_name(auto), auto),
                 BenchCondition(f"{condition_name(default)} without contrast", replace(default, contrast=False))]

@@ -15,7 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from saealign.errors import SaealignError
 from saealign.reference.scoring import METRICS, SUMMARIES
-from saealign.steering.spec import DEFAULT_METHOD, DEFAULT_PROMPT_BOOST, METHODS, MODES, UNSCORED
+from saealign.steering.spec import (
+    DEFAULT_COMPANION_PUSH,
+    DEFAULT_METHOD,
+    DEFAULT_PROMPT_BOOST,
+    METHODS,
+    MODES,
+    UNSCORED,
+)
 
 Method = Literal[METHODS]  # type: ignore[valid-type]
 Mode = Literal[MODES]  # type: ignore[valid-type]
@@ -97,6 +104,10 @@ class SteeringOptions(BaseModel):
     prompt_boost: float | None = Field(
         default=None, description="additive methods: push the prompt this many times harder than each generated "
                                   f"token; null = the default ({DEFAULT_PROMPT_BOOST['add']:g}: one push throughout)")
+    companion_push: float | None = Field(
+        default=None, description="additive methods: also push at the served stack's companion layer, this many times "
+                                  "as hard as the main layer, which then takes 2/3 of the strength; 0 = one layer; "
+                                  f"null = {DEFAULT_COMPANION_PUSH:.3g} where the stack has a companion layer, else 0")
     top_k: int = 5
     greedy: bool = False
 

@@ -57,17 +57,19 @@ class StrengthSearches:
             aligner.embedder = LockedEmbedder(aligner.embedder, threading.Lock())  # type: ignore[assignment]
 
     def searcher(self) -> Aligner:
-        """The search's own Aligner: copies of the model and tokenizer; SAE, index and embedder shared."""
+        """The search's own Aligner: copies of the model and tokenizer; SAEs (the companion's too), index and
+        embedder shared."""
         if self._searcher is None:
             lm = self.aligner.lm
             own = dataclasses.replace(lm, model=copy.deepcopy(lm.model), tokenizer=copy.deepcopy(lm.tokenizer))
+            side = self.aligner.companion
             self._searcher = Aligner(own, self.aligner.sae, self.aligner.layer, self.aligner.index,
-                                     self.aligner.embedder)
+                                     self.aligner.embedder, None if side is None else (side.sae, side.layer))
             self._searcher.auto_config = self.aligner.auto_config
         return self._searcher
 
     def known(self, topic: TopicScores, spec: GenerationSpec) -> StrengthChoice | None:
-        key = cache_key(self.aligner, spec, self.aligner.auto_config)
+        key = cache_key(self.aligner, self.aligner.resolve(spec), self.aligner.auto_config)
         found = topic.extra.get("auto_strength", {}).get(key)
         return StrengthChoice.from_json(found) if found is not None else None
 
@@ -89,7 +91,7 @@ class StrengthSearches:
         return spec
 
     def _start(self, topic: TopicScores, spec: GenerationSpec) -> asyncio.Future[StrengthChoice]:
-        key = (id(topic), cache_key(self.aligner, spec, self.aligner.auto_config))
+        key = (id(topic), cache_key(self.aligner, self.aligner.resolve(spec), self.aligner.auto_config))
         if key in self.running:
             return self.running[key]
         if len(self.running) >= self.guard.max_searches:

@@ -23,6 +23,7 @@ identical samples: pass one seed per prompt (``seed=[0, 1, 2]``) for several sam
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -47,8 +48,9 @@ from saealign.steering.descriptions import (
 )
 from saealign.steering.directions import DEFAULT_TEXT, SteeringBasis, load_or_measure_basis
 from saealign.steering.generation import Generation, RowRecord, TokenEvent
+from saealign.steering.hook import SteeringHook
 from saealign.steering.plan import Plan, TopicArg
-from saealign.steering.spec import ADDITIVE, GenerationSpec
+from saealign.steering.spec import ADDITIVE, COMPANION_MAIN_SHARE, DEFAULT_COMPANION_PUSH, GenerationSpec
 from saealign.steering.strength import AutoStrengthConfig, NeutralProbe, StrengthChoice, neutral_prompts
 
 __all__ = ["Aligner", "Generation", "TokenEvent", "TopicArg"]
@@ -64,7 +66,10 @@ class Aligner:
         layer: int,
         index: ReferenceIndex | None = None,
         embedder: TextEmbedder | None = None,
+        companion: tuple[SAE, int] | None = None,
     ) -> None:
+        """``companion``: an SAE and the (earlier) layer it reads, pushed beside this one by the additive methods
+        (:attr:`GenerationSpec.companion_push`); the defaults have one (:func:`saealign.defaults.default_companion`)."""
         from saealign.sae.formats import check_sae_fits
 
         check_sae_fits(sae, lm.d_model, f"layer {layer}")
@@ -84,6 +89,14 @@ class Aligner:
         self.special_ids = special_token_ids(lm.tokenizer)
         """Token ids whose positions are never edited (see :func:`saealign.steering.decoding.decode_steps`)."""
         self.sae_key = sae_key(sae)
+        self.companion: Aligner | None = None
+        """The companion layer's own aligner (same model, its SAE, no index), or None."""
+        if companion is not None:
+            self.companion = Aligner(lm, companion[0], companion[1], None, embedder)
+            if self.companion.layer == self.layer:
+                raise SaealignError(f"the companion SAE reads layer {self.layer}, the layer this aligner steers: give "
+                                    "it another layer")
+        self._companion_topics: dict[tuple[str, ...], TopicScores] = {}
         if index is not None and (index.keys.sae != self.sae_key or index.keys.layer % lm.n_layers != self.layer):
             raise SaealignError(
                 f"the index at {index.folder} was built for SAE {index.keys.sae} at layer {index.keys.layer}, not "
@@ -92,10 +105,11 @@ class Aligner:
 
     @classmethod
     def default(cls, layer: int | None = None, progress: bool = True) -> Aligner:
-        """The embedded defaults (SmolLM2-135M-Instruct, the shipped SAE, a WordNet index, MiniLM)."""
-        from saealign.defaults import load_stack
+        """The embedded defaults (SmolLM2-135M-Instruct, the shipped SAE, a WordNet index, MiniLM; at the default
+        layer, the shipped block-6 SAE as its companion)."""
+        from saealign.defaults import default_companion, load_stack
 
-        return cls(*load_stack(layer=layer, progress=progress))
+        return cls(*load_stack(layer=layer, progress=progress), companion=default_companion(layer=layer))
 
     def topic(
         self,
@@ -175,7 +189,7 @@ class Aligner:
         """The strongest strength of ``spec``'s method within the fluency budget for ``topic`` (searched once,
         then cached in ``topic.extra["auto_strength"]``, which :meth:`TopicScores.save` keeps).
         See :mod:`saealign.steering.strength`."""
-        spec = spec or GenerationSpec()
+        spec = self.resolve(spec or GenerationSpec())
         topic.check_compatible(self.sae_key, self.sae.d_sae)
         key = search.cache_key(self, spec, self.auto_config)
         cached = topic.extra.setdefault("auto_strength", {})
@@ -223,6 +237,55 @@ class Aligner:
             self._matches[key] = output_match(self._description_embeddings, self.embedder.embed(list(key)))
         return self._matches[key]
 
+    def resolve(self, spec: GenerationSpec) -> GenerationSpec:
+        """``spec`` with ``companion_push`` resolved for this aligner (None: the default where it has a companion
+        layer, else 0); one error line if it asks for a companion this aligner lacks."""
+        if spec.companion_push is None:
+            default = DEFAULT_COMPANION_PUSH if self.companion is not None and spec.method in ADDITIVE else 0.0
+            return replace(spec, companion_push=default)
+        if spec.companion_push > 0 and spec.method in ADDITIVE and self.companion is None:
+            raise SaealignError("companion_push needs an aligner with a companion layer (Aligner(..., companion=(sae, "
+                                "layer)); the defaults have one): steer with companion_push=0")
+        return spec
+
+    def companion_topic(self, topic: TopicScores) -> TopicScores:
+        """``topic`` for the companion layer's SAE: every latent weighs 1 as its M1 score (the companion has no
+        index), times its activation contrast against the model's own text, output score and output match
+        (remembered per topic texts)."""
+        if self.companion is None:
+            raise SaealignError("this aligner has no companion layer")
+        if not topic.topic_texts:
+            raise SaealignError("these topic scores hold no topic texts to steer the companion layer with: re-score "
+                                "the topic, or steer with companion_push=0")
+        key = tuple(topic.topic_texts)
+        if key not in self._companion_topics:
+            d = self.companion.sae.d_sae
+            plain = TopicScores(np.ones(d, np.float32), np.full(d, np.nan), np.zeros(d, np.int64), np.ones(d, bool),
+                                list(key), sae_key=self.companion.sae_key,
+                                note="companion layer: weighed by contrast, output score and output match alone")
+            if len(self._companion_topics) >= 256:  # a server sees many topics: keep the memory bounded
+                self._companion_topics.pop(next(iter(self._companion_topics)))
+            self._companion_topics[key] = self.companion.with_contrast(plain)
+        return self._companion_topics[key]
+
+    def _companion_hooks(self, spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
+                         strengths: list[float]) -> tuple[tuple[SteeringHook, torch.nn.Module], ...]:
+        """The companion layer's push for the batch (empty when it is off), ``strengths`` being the main layer's."""
+        push = spec.companion_push or 0.0
+        if spec.method not in ADDITIVE or push == 0 or not topics or self.companion is None:
+            return ()
+        companion = self.companion
+        side = replace(spec, method="add")  # the companion only pushes: no Swap there
+        ctopics = [self.companion_topic(t) for t in topics]
+        used = sorted({j for j in per_row if j is not None})
+        matches = {i: companion.output_match(ctopics[i]) for i in used} if spec.output_match else None
+        reference = companion.reference_mean() if spec.feedback else None
+        hook = planning.make_hook(companion.sae, side, ctopics, per_row, [s * push for s in strengths], None,
+                                  companion.steering_basis(), reference, matches)
+        assert hook is not None
+        hook.record = False
+        return ((hook, companion.block),)
+
     def default_texts(self) -> list[str]:
         """The model's own unsteered text: every neutral prompt continued with each of :data:`DEFAULT_TEXT`'s seeds
         (prompt + continuation), what :attr:`SteeringBasis.default_mean` is measured on."""
@@ -241,6 +304,7 @@ class Aligner:
               topic_per_row: Sequence[int] | None, strength_per_row: Sequence[float] | None) -> Plan:
         if not prompts:
             raise SaealignError("no prompts given: pass one prompt or a list of them")
+        spec = self.resolve(spec)
         seeds = planning.seeds_for(seed, len(prompts))
         strengths = planning.row_strengths(spec, strength_per_row, len(prompts))
         planning.steering(spec, 1.0)  # the edit itself is known: fail on it before any work
@@ -265,9 +329,13 @@ class Aligner:
         reference = self.reference_mean() if spec.method in ADDITIVE and spec.feedback and topics else None
         matches = ({i: self.output_match(topics[i]) for i in sorted({j for j in per_row if j is not None})}
                    if spec.method in ADDITIVE and spec.output_match and topics else None)
-        hook = planning.make_hook(self.sae, spec, topics, per_row, strengths, max_act, basis, reference, matches)
+        main = strengths
+        if spec.method in ADDITIVE and spec.companion_push and topics:  # the two layers share the strength
+            main = [s * COMPANION_MAIN_SHARE for s in strengths]
+        hook = planning.make_hook(self.sae, spec, topics, per_row, main, max_act, basis, reference, matches)
+        companions = self._companion_hooks(spec, topics, per_row, main)
         generators = [row_generator(s, t) for s, t in zip(seeds, texts, strict=True)]
-        return Plan(prompts, list(rows), generators, seeds, per_row, hook, strengths, spec)
+        return Plan(prompts, list(rows), generators, seeds, per_row, hook, strengths, spec, companions)
 
     def _records(self, plan: Plan) -> list[RowRecord]:
         measured = plan.hook is not None and plan.hook.record
@@ -293,7 +361,7 @@ class Aligner:
         pad = pad if pad is not None else (min(eos) if eos else 0)
         detok = [Detokenizer(tok) for _ in plan.rows]
         steps = decode_steps(self.lm.model, plan.rows, Sampling.of(plan.spec), plan.generators, pad, eos, plan.hook,
-                             self.block, plan.spec.steer_prompt, self.special_ids, plan.spec.boost)
+                             self.block, plan.spec.steer_prompt, self.special_ids, plan.spec.boost, plan.companions)
         for step in steps:
             for row in step.active.nonzero().flatten().tolist():
                 token = int(step.token_ids[row])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -170,6 +170,7 @@ def decode_steps(
     steer_prompt: bool = True,
     unedited_ids: set[int] | None = None,
     prompt_boost: float = 1.0,
+    companions: Sequence[tuple[SteeringHook, nn.Module]] = (),
 ) -> Iterator[Step]:
     """Generate from the token-id ``rows`` (one prompt each), yielding one :class:`Step` per new token.
 
@@ -180,7 +181,11 @@ def decode_steps(
     ``unedited_ids`` (the tokenizer's special tokens: chat markers, a fed-back end of turn) pass through
     unedited, as the SAE's training data and the reference index leave them out. ``prompt_boost`` multiplies
     an additive method's push in the prompt pass (:attr:`saealign.steering.spec.GenerationSpec.prompt_boost`).
+    ``companions`` (hook, block) pairs push at further layers alongside ``hook``, on the same positions and with the
+    same prompt boost (:attr:`saealign.steering.plan.Plan.companions`).
     """
+    if companions and hook is None:
+        raise SaealignError("companion pushes steer beside a main hook: pass hook= too")
     if hook is not None and layer is None:
         raise SaealignError("decode_steps needs the layer module to attach the steering hook to")
     device = next(model.parameters()).device
@@ -208,7 +213,8 @@ def decode_steps(
     feed, pos = ids, positions(mask)
     for step in range(sampling.max_new_tokens):
         logits, contamination, n_changed = _forward(
-            model, feed, mask, pos, {cache_name: cache}, hook, layer, keep, prompt_boost if step == 0 else 1.0
+            model, feed, mask, pos, {cache_name: cache}, hook, layer, keep, prompt_boost if step == 0 else 1.0,
+            companions,
         )
         keep = None
         active = ~done
@@ -236,6 +242,7 @@ def _forward(
     layer: nn.Module | None,
     keep: Tensor | None,
     push_scale: float = 1.0,
+    companions: Sequence[tuple[SteeringHook, nn.Module]] = (),
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """One forward call: ``(last-position logits [batch, vocab], contamination [batch] | None, n_changed | None)``."""
     if hook is None:
@@ -243,15 +250,20 @@ def _forward(
         return out.logits[:, -1], None, None
     assert layer is not None
     hook.clear()
-    hook.keep = keep
-    hook.push_scale = push_scale
-    handle = hook.register(layer)
+    attached = [(hook, layer), *companions]
+    handles = []
     try:
+        for h, block in attached:
+            h.keep = keep
+            h.push_scale = push_scale
+            handles.append(h.register(block))
         out = model(input_ids=feed, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **cache)
     finally:
-        handle.remove()
-        hook.keep = None
-        hook.push_scale = 1.0
+        for handle in handles:
+            handle.remove()
+        for h, _ in attached:
+            h.keep = None
+            h.push_scale = 1.0
     if not hook.record:
         return out.logits[:, -1], None, None
     return out.logits[:, -1], hook.contamination[-1][:, -1].cpu(), hook.n_changed[-1][:, -1].cpu()

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
@@ -43,6 +43,9 @@ class Plan:
     strengths: list[float]
     """The strength each row was steered with (``auto`` resolved per topic)."""
     spec: GenerationSpec
+    companions: tuple[tuple[SteeringHook, nn.Module], ...] = ()
+    """Further pushes, each a hook and the block it is attached to beside :attr:`hook` (the companion layer,
+    :attr:`GenerationSpec.companion_push`); they steer and record nothing."""
 
 
 def seeds_for(seed: int | Sequence[int], n: int) -> list[int]:

@@ -51,6 +51,16 @@ held-out ones (add 0.2 with the prompt at x3: 0.729 hit rate at 1.130x judge per
 0.727 at 1.131x for the constant 0.25), and it cost prompting + steering 7 points (docs/results.md)."""
 PROMPT_BOOST_MAX = 10.0
 
+DEFAULT_COMPANION_PUSH = 4 / 3
+"""What ``companion_push=None`` means when the aligner has a companion layer (:attr:`GenerationSpec.companion_push`):
+the companion layer is pushed 4/3 as hard as the main one; chosen by ``saealign eval steer-bench``
+(docs/results.md, run 7)."""
+COMPANION_MAIN_SHARE = 2 / 3
+"""With a companion layer on, the main layer is pushed ``strength × 2/3`` (and the companion ``× companion_push`` of
+that): the default 0.225 becomes 0.15 at block 15 and 0.2 at block 6, the benchmark's choice, and one strength scale
+(numbers, ``auto``) serves aligners with and without a companion."""
+COMPANION_PUSH_MAX = 8.0
+
 STRENGTH_RANGE: dict[str, tuple[float, float]] = {
     "swap": (0.0, 8.0),
     "weight": (0.0, 8.0),
@@ -137,6 +147,13 @@ class GenerationSpec:
     the topic more cheaply than a harder push on every new token; on the benchmark it did not, at equal
     perplexity (docs/results.md, run 5). With ``steer_prompt=False`` it applies to the last prompt position
     alone."""
+    companion_push: float | None = None
+    """Additive methods: also push at the aligner's companion layer (an earlier block with its own SAE,
+    :attr:`saealign.steering.aligner.Aligner.companion`) along the topic direction that layer's SAE gives, this many
+    times as hard as the main layer (each in its own layer's residual norm); the main layer then takes
+    :data:`COMPANION_MAIN_SHARE` of ``strength``. Two moderate pushes at two depths buy more topic than one harder
+    push at equal fluency (docs/results.md, run 7). 0 = one layer (the main layer takes the whole strength); None =
+    :data:`DEFAULT_COMPANION_PUSH` where the aligner has a companion layer, else 0 (resolved by the aligner)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -173,6 +190,15 @@ class GenerationSpec:
         if push * boost > high:
             raise SaealignError(f"strength {self.strength} x prompt_boost {boost:g} pushes the prompt past {self.method}'s "
                                 f"largest strength ({high:g}): lower one of them")
+        companion = self.companion_push
+        if companion is not None and (isinstance(companion, bool) or not isinstance(companion, (int, float))
+                                      or not 0 <= companion <= COMPANION_PUSH_MAX):
+            raise SaealignError(f"companion_push must be a number from 0 to {COMPANION_PUSH_MAX:g}, got {companion!r}")
+        if companion is not None:
+            object.__setattr__(self, "companion_push", float(companion))  # 0 and 0.0 are one setting (cache keys)
+        if companion is not None and push * boost * COMPANION_MAIN_SHARE * companion > high:
+            raise SaealignError(f"strength {self.strength} x companion_push {companion:g} pushes the companion layer past "
+                                f"{self.method}'s largest strength ({high:g}): lower one of them")
 
     @property
     def needs_topic(self) -> bool:

@@ -317,5 +317,8 @@ def cache_key(aligner: Aligner, spec: GenerationSpec, cfg: AutoStrengthConfig) -
     spec's steering options and the search configuration."""
     steering = {k: v for k, v in spec.to_json().items()
                 if k in ("method", "mode", "steer_prompt", "unscored", "n_latents", "output_scores", "contrast",
-                         "output_match", "feedback", "prompt_boost")}
+                         "output_match", "feedback", "prompt_boost", "companion_push")}
+    companion = getattr(aligner, "companion", None)
+    if spec.companion_push and companion is not None:  # the choice holds for this companion SAE and layer only
+        steering["companion"] = f"{companion.sae_key}-L{companion.layer}"
     return f"{aligner.lm.key[:8]}-{aligner.sae_key[:8]}-L{aligner.layer}-{spec.method}-{hash_json(steering)[:8]}-{cfg.key()}"

@@ -1,0 +1,191 @@
+"""The companion layer: a second additive push at an earlier block, with its own SAE, beside the main one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_sae
+from saealign.defaults import COMPANION_LAYER, DEFAULT_LAYER, default_companion
+from saealign.errors import SaealignError
+from saealign.models import LoadedModel
+from saealign.reference.embed import HashingEmbedder
+from saealign.reference.scoring import TopicScores
+from saealign.sae.autoencoder import SAE, sae_key
+from saealign.steering import directions
+from saealign.steering import strength as search
+from saealign.steering.aligner import Aligner
+from saealign.steering.decoding import Sampling, decode_steps, row_generator
+from saealign.steering.spec import COMPANION_MAIN_SHARE, DEFAULT_COMPANION_PUSH
+from saealign.steering.spec import GenerationSpec as Spec
+
+TEXTS = ["the dog runs near the river", "a big dog and a small cat", "the old dog sat under the tree"]
+
+
+@pytest.fixture
+def main_sae() -> SAE:
+    return make_sae(seed=1)
+
+
+@pytest.fixture
+def side_sae() -> SAE:
+    return make_sae(seed=2)
+
+
+def _topic(sae: SAE) -> TopicScores:
+    scores = np.random.default_rng(0).random(sae.d_sae).astype(np.float32)
+    return TopicScores(scores, np.zeros(sae.d_sae), np.full(sae.d_sae, 30), np.ones(sae.d_sae, bool), list(TEXTS),
+                       sae_key=sae_key(sae))
+
+
+@pytest.fixture
+def aligners(tiny_lm: LoadedModel, main_sae: SAE, side_sae: SAE, tmp_path: Path,
+             monkeypatch: pytest.MonkeyPatch) -> tuple[Aligner, Aligner]:
+    """The tiny 2-block Llama steered at block 1, with and without block 0 as its companion."""
+    monkeypatch.setenv("SAEALIGN_CACHE", str(tmp_path))
+    single = Aligner(tiny_lm, main_sae, 1, embedder=HashingEmbedder())
+    paired = Aligner(tiny_lm, main_sae, 1, embedder=HashingEmbedder(), companion=(side_sae, 0))
+    return single, paired
+
+
+def test_the_spec_checks_the_companion_push() -> None:
+    assert Spec().companion_push is None  # resolved by the aligner, which knows whether it has a companion
+    for bad in (-0.5, 9.0, float("nan"), True, "2"):
+        with pytest.raises(SaealignError, match="companion_push must be a number from 0 to 8"):
+            Spec("add", companion_push=bad)  # type: ignore[arg-type]
+    with pytest.raises(SaealignError, match="pushes the companion layer past add's largest strength"):
+        Spec("add", strength=2.0, companion_push=2.0)  # 2 x 2/3 x 2 > 2
+    assert Spec("add", strength=1.5, companion_push=2.0).companion_push == 2.0  # 1.5 x 2/3 x 2 = 2: at the edge
+
+
+def test_resolve_fills_the_default_only_where_there_is_a_companion(aligners: tuple[Aligner, Aligner]) -> None:
+    single, paired = aligners
+    assert single.companion is None and paired.companion is not None and paired.companion.layer == 0
+    assert single.resolve(Spec()).companion_push == 0
+    assert paired.resolve(Spec()).companion_push == DEFAULT_COMPANION_PUSH
+    assert paired.resolve(Spec("swap")).companion_push == 0  # Swap has no push to share
+    assert paired.resolve(Spec(companion_push=0.5)).companion_push == 0.5
+    with pytest.raises(SaealignError, match="companion_push needs an aligner with a companion layer"):
+        single.generate(["the cat"], _topic(single.sae), Spec(companion_push=1.0, max_new_tokens=2))
+
+
+def test_both_pushes_are_the_by_hand_directions(aligners: tuple[Aligner, Aligner]) -> None:
+    _, paired = aligners
+    assert paired.companion is not None
+    companion = paired.companion
+    topic = paired.with_contrast(_topic(paired.sae))
+    s, push = 0.6, 1.5
+    spec = Spec("add", strength=s, companion_push=push)
+    plan = paired._plan(["the cat", "a dog runs"], topic, spec, 0, None, None)
+    assert plan.strengths == [s, s]  # what the user asked for is what the generation reports
+    basis = paired.steering_basis()
+    main = directions.topic_direction(paired.sae, torch.as_tensor(topic.scores), spec.n_latents,
+                                      torch.as_tensor(basis.output_scores), torch.as_tensor(topic.contrast),
+                                      torch.as_tensor(paired.output_match(topic)))
+    assert plan.hook is not None and plan.hook.direction is not None
+    assert torch.allclose(plan.hook.direction[0], main * (s * COMPANION_MAIN_SHARE * basis.residual_norm), atol=1e-5)
+    # the companion: M1 scores all 1 (no index), its own contrast (against the model's own text), output scores and
+    # output match; pushed `push` times the main layer's strength in its own residual norm
+    side_topic = paired.companion_topic(topic)
+    assert np.array_equal(side_topic.scores, np.ones(companion.sae.d_sae, np.float32))
+    assert side_topic.contrast is not None and side_topic.sae_key == companion.sae_key
+    side_basis = companion.steering_basis()
+    side = directions.topic_direction(companion.sae, torch.ones(companion.sae.d_sae), spec.n_latents,
+                                      torch.as_tensor(side_basis.output_scores), torch.as_tensor(side_topic.contrast),
+                                      torch.as_tensor(companion.output_match(side_topic)))
+    ((side_hook, block),) = plan.companions
+    assert block is companion.block and side_hook.sae is companion.sae and not side_hook.record
+    assert side_hook.steering.method == "add" and side_hook.direction is not None
+    want = side * (s * COMPANION_MAIN_SHARE * push * side_basis.residual_norm)
+    assert torch.allclose(side_hook.direction[1], want, atol=1e-5)
+    assert paired.companion_topic(_topic(paired.sae)) is side_topic  # remembered per topic texts
+
+
+def test_no_push_there_is_the_single_layer_aligner_token_for_token(aligners: tuple[Aligner, Aligner]) -> None:
+    single, paired = aligners
+    topic = _topic(single.sae)
+    spec = Spec("add", strength=1.0, greedy=True, max_new_tokens=8)
+    alone = single.generate(["the cat", "a dog runs near the"], topic, spec)
+    off = paired.generate(["the cat", "a dog runs near the"], topic, Spec(**{**spec.to_json(), "companion_push": 0}))
+    assert [g.token_ids for g in off] == [g.token_ids for g in alone]
+    assert [g.token_contamination for g in off] == [g.token_contamination for g in alone]
+
+
+@torch.inference_mode()
+def test_the_companion_block_gets_its_push_on_the_edited_positions(aligners: tuple[Aligner, Aligner]) -> None:
+    _, paired = aligners
+    assert paired.companion is not None
+    block = paired.companion.block
+    plan = paired._plan(["the cat sat on the"], _topic(paired.sae), Spec("add", strength=0.9, companion_push=1.2),
+                        0, None, None)
+    seen: list[torch.Tensor] = []
+    watch = block.register_forward_hook(lambda _m, _i, out: seen.append((out[0] if isinstance(out, tuple) else out)
+                                                                        .clone()))
+    try:
+        for hook, companions in ((None, ()), (plan.hook, plan.companions)):
+            gen = [row_generator(0, "the cat sat on the")]
+            next(decode_steps(paired.lm.model, plan.rows, Sampling(max_new_tokens=1), gen, 0, {2}, hook, paired.block,
+                              companions=companions))
+    finally:
+        watch.remove()
+    plain, pushed = seen
+    ((side_hook, _),) = plan.companions
+    assert side_hook.direction is not None
+    assert torch.equal(pushed[0, 0], plain[0, 0])  # the first position is never edited
+    assert torch.allclose(pushed[0, 1:] - plain[0, 1:], side_hook.direction[0].expand(plain.shape[1] - 1, -1),
+                          atol=1e-5)
+
+
+def test_a_companion_changes_what_auto_caches(aligners: tuple[Aligner, Aligner]) -> None:
+    single, paired = aligners
+    cfg = paired.auto_config
+    on, off = paired.resolve(Spec()), paired.resolve(Spec(companion_push=0))
+    assert search.cache_key(paired, on, cfg) != search.cache_key(paired, off, cfg)
+    assert search.cache_key(paired, off, cfg) == search.cache_key(single, single.resolve(Spec()), cfg)
+
+
+def test_bad_companions_are_one_error(tiny_lm: LoadedModel, main_sae: SAE, side_sae: SAE) -> None:
+    with pytest.raises(SaealignError, match="reads layer 1, the layer this aligner steers"):
+        Aligner(tiny_lm, main_sae, 1, companion=(side_sae, 1))
+    with pytest.raises(SaealignError, match=r"SAE d_in=32 does not match the model's hidden size 64 \(layer 0\)"):
+        Aligner(tiny_lm, main_sae, 1, companion=(make_sae(d_in=32), 0))
+    paired = Aligner(tiny_lm, main_sae, 1, embedder=HashingEmbedder(), companion=(side_sae, 0))
+    textless = _topic(main_sae)
+    textless.topic_texts = []
+    with pytest.raises(SaealignError, match="companion_push=0"):
+        paired.companion_topic(textless)
+
+
+def test_the_default_stack_alone_gets_the_shipped_companion() -> None:
+    sae, layer = default_companion()  # type: ignore[misc]
+    assert layer == COMPANION_LAYER == 6 and sae.cfg.hook_layer in (None, COMPANION_LAYER)
+    assert default_companion(layer=DEFAULT_LAYER) is not None
+    assert default_companion(layer=6) is None  # steering at block 6 itself: no companion
+    assert default_companion(sae_spec="some/other-sae") is None and default_companion(model="gpt2") is None
+
+
+def test_the_default_spec_steers_both_layers_and_reports_its_strength(aligners: tuple[Aligner, Aligner]) -> None:
+    _, paired = aligners
+    out = paired.generate(["the cat"], _topic(paired.sae), Spec(greedy=True, max_new_tokens=4))
+    assert out[0].strength == Spec().strength and len(out[0].token_ids) == 4
+
+
+def test_the_servers_search_copy_keeps_the_companion_and_its_cache_key(aligners: tuple[Aligner, Aligner]) -> None:
+    from saealign.serve.limits import ServerGuard
+    from saealign.serve.searches import StrengthSearches
+
+    _, paired = aligners
+    searches = StrengthSearches(paired, ServerGuard())
+    try:
+        copy = searches.searcher()
+        assert copy.companion is not None and paired.companion is not None
+        assert copy.companion.sae is paired.companion.sae and copy.companion.layer == paired.companion.layer
+        assert copy.companion.block is not paired.companion.block  # a block of the search's own model copy
+        auto = Spec(strength="auto")  # the search caches where the worker looks
+        assert search.cache_key(copy, copy.resolve(auto), copy.auto_config) == search.cache_key(
+            paired, paired.resolve(auto), paired.auto_config)
+    finally:
+        searches.shutdown()
