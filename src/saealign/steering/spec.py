@@ -39,7 +39,8 @@ DEFAULT_STRENGTH: dict[str, float] = {"swap": 1.0, "weight": 1.0, "add": 0.225, 
 additive methods: 0.225 (add, with the output match) and 0.3 (swap_add) × the median residual norm, chosen by
 ``saealign eval steer-bench`` (docs/results.md): the strongest push whose judge perplexity stays near the
 unsteered text's over the benchmark's 12 topics, one global number (no per-topic tuning); ``"auto"`` searches a
-strength per topic instead."""
+strength per topic instead. With a companion layer on (:attr:`GenerationSpec.companion_push`) the number is shared
+between the two layers (:data:`COMPANION_MAIN_SHARE`)."""
 FEEDBACK_STRENGTH: dict[str, float] = {**DEFAULT_STRENGTH, "add": 0.35}
 """The same with ``feedback=True``: the push is full only while the text is off topic, so add's is higher."""
 
