@@ -28,10 +28,10 @@ from saealign.sae.formats import check_sae_fits, load_sae
 PACKAGE_DATA = Path(__file__).parent / "data"
 DEFAULT_SAE_DIR = PACKAGE_DATA / "sae" / "smollm2-135m-instruct"
 DEFAULT_LAYER = 15
+"""The default steering layer (see docs/results.md for the measurements behind the choice)."""
 COMPANION_LAYER = 6
 """The block whose shipped SAE the additive methods push beside the default one (``GenerationSpec.companion_push``;
 docs/results.md, run 7)."""
-"""The default steering layer (see docs/results.md for the measurements behind the choice)."""
 DEFAULT_INDEX_PROMPTS = 20_000
 """Stratified WordNet sample size of the default index (coverage of live latents: see docs)."""
 SHIPPED_INDEX = PACKAGE_DATA / "index" / "smollm2-135m-instruct-L15-wordnet20k"
