@@ -189,3 +189,24 @@ def test_the_servers_search_copy_keeps_the_companion_and_its_cache_key(aligners:
             paired, paired.resolve(auto), paired.auto_config)
     finally:
         searches.shutdown()
+
+
+def test_a_push_that_measures_nothing_skips_the_sae_and_adds_the_same(main_sae: SAE,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from saealign.steering.edits import Steering
+    from saealign.steering.hook import SteeringHook
+
+    g = torch.Generator().manual_seed(0)
+    hidden, push = torch.randn(2, 5, 64, generator=g), torch.randn(2, 64, generator=g)
+    keep = torch.zeros(2, 5, dtype=torch.bool)
+    keep[:, 0] = True
+    scores = torch.full((2, main_sae.d_sae), 0.5)
+    measuring = SteeringHook(main_sae, Steering("add"), scores, direction=push)
+    measuring.keep = keep
+    want = measuring(torch.nn.Identity(), (), (hidden,))
+    quiet = SteeringHook(main_sae, Steering("add"), scores, direction=push, record=False)
+    quiet.keep = keep
+    monkeypatch.setattr(main_sae, "pre", lambda *_: pytest.fail("a push that records nothing ran the SAE"))
+    got = quiet(torch.nn.Identity(), (), (hidden,))
+    assert isinstance(got, tuple) and isinstance(want, tuple) and torch.equal(got[0], want[0])
+    assert torch.equal(got[0][:, 0], hidden[:, 0]) and not quiet.contamination

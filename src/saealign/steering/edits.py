@@ -85,7 +85,7 @@ class EditOutput(NamedTuple):
 
 
 # -- pure edits on the pre-activations -------------------------------------------------------
-def _rowwise(scores: Tensor, gamma: Tensor) -> Tensor:
+def rowwise(scores: Tensor, gamma: Tensor) -> Tensor:
     """Shape ``scores`` to broadcast against ``gamma [..., d_sae]``.
 
     ``[d_sae]`` is shared by every token; ``[batch, d_sae]`` gives row b of the batch its own scores
@@ -116,7 +116,7 @@ def edit_clamp(sae: SAE, gamma: Tensor, scores: Tensor, max_act: Tensor, n: int,
     if max_act.shape != (gamma.shape[-1],):
         raise SaealignError(f"max_act has shape {tuple(max_act.shape)}, expected ({gamma.shape[-1]},)")
     a = sae.activate(gamma)
-    idx = _rowwise(scores, gamma).topk(n, dim=-1).indices  # [n] or [batch, 1.., n]
+    idx = rowwise(scores, gamma).topk(n, dim=-1).indices  # [n] or [batch, 1.., n]
     values = (max_act.to(a.dtype) * multiplier)[idx]
     shape = (*gamma.shape[:-1], n)
     return a.scatter(-1, idx.expand(shape), values.expand(shape))
@@ -127,13 +127,13 @@ def edit_swap(sae: SAE, gamma: Tensor, weights: Tensor) -> Tensor:
 
     ``gamma [..., d_sae]``, ``weights [d_sae] | [batch, d_sae]`` -> ``[..., d_sae]``.
     """
-    mask = sae.activate(gamma * _rowwise(weights, gamma)) != 0
+    mask = sae.activate(gamma * rowwise(weights, gamma)) != 0
     return torch.relu(gamma) * mask
 
 
 def edit_weight(sae: SAE, gamma: Tensor, weights: Tensor) -> Tensor:
     """``σ(γ ⊙ w)``: the weighted pre-activations themselves. Same shapes as :func:`edit_swap`."""
-    return sae.activate(gamma * _rowwise(weights, gamma))
+    return sae.activate(gamma * rowwise(weights, gamma))
 
 
 def contamination(acts: Tensor, scores: Tensor) -> Tensor:
@@ -143,7 +143,7 @@ def contamination(acts: Tensor, scores: Tensor) -> Tensor:
     (not NaN); count them with ``(acts != 0).sum(-1) == 0``.
     """
     a = acts.float()
-    s = _rowwise(scores, acts).float()
+    s = rowwise(scores, acts).float()
     total = a.sum(dim=-1)
     off_topic = (a * (1 - s)).sum(dim=-1)
     return torch.where(total != 0, off_topic / torch.where(total != 0, total, 1), 0)
@@ -227,7 +227,7 @@ def apply_edit(
             out = x + _decoded_change(sae, x, a_edit, a).to(x.dtype)
         if steering.method in ADDITIVE:
             assert direction is not None
-            out = out + _rowwise(direction.to(x.device), x).to(x.dtype)
+            out = out + rowwise(direction.to(x.device), x).to(x.dtype)
             a_edit = sae.activate(sae.pre(out))  # what the pushed residual reads as
         return EditOutput(
             out=out,

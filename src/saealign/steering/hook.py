@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 
 from saealign.errors import SaealignError
 from saealign.sae.autoencoder import SAE
-from saealign.steering.edits import Steering, apply_edit
+from saealign.steering.edits import Steering, apply_edit, rowwise
 from saealign.steering.feedback import TopicFeedback
 from saealign.steering.spec import ADDITIVE
 
@@ -109,16 +109,15 @@ class SteeringHook:
             rows = direction.expand(hidden.shape[0], -1) if direction.dim() == 1 else direction
             keep = None if self.keep is None else self.keep.to(hidden.device)
             direction = rows * self.feedback.scale(acts, keep).to(rows.device, rows.dtype)
+        if self.steering.method == "add" and not self.record and direction is not None:
+            # a push that measures nothing (a companion layer): x + v, the SAE never runs (apply_edit's arithmetic)
+            pushed = hidden + rowwise(direction.to(hidden.device), hidden).to(hidden.dtype)
+            return _with_hidden(output, self._kept(hidden, pushed))
         res = apply_edit(self.sae, hidden, self.steering, self.scores, self.max_act, self.weights, direction)
         out, contam, n_changed, n_active = res.out, res.contamination, res.n_changed, res.n_active
         if self.keep is not None:
             keep = self.keep.to(hidden.device)
-            if keep.shape != hidden.shape[:-1]:
-                raise SaealignError(
-                    f"keep has shape {tuple(keep.shape)} but the block output is {tuple(hidden.shape[:-1])} "
-                    "tokens: set keep for this forward call only, then clear it"
-                )
-            out = torch.where(keep.unsqueeze(-1), hidden, out)
+            out = self._kept(hidden, out)
             contam = contam.masked_fill(keep, 0)
             n_changed = n_changed.masked_fill(keep, 0)
             n_active = n_active.masked_fill(keep, 0)
@@ -129,6 +128,18 @@ class SteeringHook:
         if self.steering.method == "none":
             return None
         return _with_hidden(output, out)
+
+    def _kept(self, hidden: Tensor, out: Tensor) -> Tensor:
+        """``out`` with the :attr:`keep` positions put back to ``hidden`` (``out`` itself when keep is None)."""
+        if self.keep is None:
+            return out
+        keep = self.keep.to(hidden.device)
+        if keep.shape != hidden.shape[:-1]:
+            raise SaealignError(
+                f"keep has shape {tuple(keep.shape)} but the block output is {tuple(hidden.shape[:-1])} "
+                "tokens: set keep for this forward call only, then clear it"
+            )
+        return torch.where(keep.unsqueeze(-1), hidden, out)
 
     def register(self, module: nn.Module) -> RemovableHandle:
         """Attach to ``module`` (a decoder block); remove with the returned handle.
