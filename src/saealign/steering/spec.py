@@ -61,6 +61,8 @@ COMPANION_MAIN_SHARE = 2 / 3
 that): the default 0.225 becomes 0.15 at block 15 and 0.2 at block 6, the benchmark's choice, and one strength scale
 (numbers, ``auto``) serves aligners with and without a companion."""
 COMPANION_PUSH_MAX = 8.0
+"""The largest companion push (times the main layer's); the companion's own push also stays within the method's
+strength range."""
 
 STRENGTH_RANGE: dict[str, tuple[float, float]] = {
     "swap": (0.0, 8.0),
