@@ -68,9 +68,12 @@ class StrengthSearches:
             self._searcher.auto_config = self.aligner.auto_config
         return self._searcher
 
+    def _key(self, spec: GenerationSpec) -> str:
+        """Where the search of ``spec`` caches its choice (the spec resolved as the worker's Aligner resolves it)."""
+        return cache_key(self.aligner, self.aligner.resolve(spec), self.aligner.auto_config)
+
     def known(self, topic: TopicScores, spec: GenerationSpec) -> StrengthChoice | None:
-        key = cache_key(self.aligner, self.aligner.resolve(spec), self.aligner.auto_config)
-        found = topic.extra.get("auto_strength", {}).get(key)
+        found = topic.extra.get("auto_strength", {}).get(self._key(spec))
         return StrengthChoice.from_json(found) if found is not None else None
 
     async def resolve(self, topic: TopicScores | None, spec: GenerationSpec) -> GenerationSpec:
@@ -91,7 +94,7 @@ class StrengthSearches:
         return spec
 
     def _start(self, topic: TopicScores, spec: GenerationSpec) -> asyncio.Future[StrengthChoice]:
-        key = (id(topic), cache_key(self.aligner, self.aligner.resolve(spec), self.aligner.auto_config))
+        key = (id(topic), self._key(spec))
         if key in self.running:
             return self.running[key]
         if len(self.running) >= self.guard.max_searches:

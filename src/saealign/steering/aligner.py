@@ -274,17 +274,23 @@ class Aligner:
         push = spec.companion_push or 0.0
         if spec.method not in ADDITIVE or push == 0 or not topics or self.companion is None:
             return ()
-        companion = self.companion
         side = replace(spec, method="add")  # the companion only pushes: no Swap there
-        ctopics = [self.companion_topic(t) for t in topics]
-        used = sorted({j for j in per_row if j is not None})
-        matches = {i: companion.output_match(ctopics[i]) for i in used} if spec.output_match else None
-        reference = companion.reference_mean() if spec.feedback else None
-        hook = planning.make_hook(companion.sae, side, ctopics, per_row, [s * push for s in strengths], None,
-                                  companion.steering_basis(), reference, matches)
+        hook = self.companion._hook(side, [self.companion_topic(t) for t in topics], per_row,
+                                    [s * push for s in strengths], None)
         assert hook is not None
         hook.record = False
-        return ((hook, companion.block),)
+        return ((hook, self.companion.block),)
+
+    def _hook(self, spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
+              strengths: list[float], max_act: torch.Tensor | None) -> SteeringHook | None:
+        """:func:`planning.make_hook` with what this aligner's SAE needs for ``spec``: the steering basis, the
+        feedback's reference mean and each used topic's output match (the main layer's and the companion's)."""
+        additive = spec.method in ADDITIVE and bool(topics)
+        basis = self.steering_basis() if additive else None
+        reference = self.reference_mean() if additive and spec.feedback else None
+        matches = ({i: self.output_match(topics[i]) for i in sorted({j for j in per_row if j is not None})}
+                   if additive and spec.output_match else None)
+        return planning.make_hook(self.sae, spec, topics, per_row, strengths, max_act, basis, reference, matches)
 
     def default_texts(self) -> list[str]:
         """The model's own unsteered text: every neutral prompt continued with each of :data:`DEFAULT_TEXT`'s seeds
@@ -325,14 +331,10 @@ class Aligner:
         if spec.method == "clamp" and topics:
             assert self.index is not None
             max_act = torch.as_tensor(self.index.latent_max_act, device=self.sae.W_enc.device)
-        basis = self.steering_basis() if spec.method in ADDITIVE and topics else None
-        reference = self.reference_mean() if spec.method in ADDITIVE and spec.feedback and topics else None
-        matches = ({i: self.output_match(topics[i]) for i in sorted({j for j in per_row if j is not None})}
-                   if spec.method in ADDITIVE and spec.output_match and topics else None)
         main = strengths
         if spec.method in ADDITIVE and spec.companion_push and topics:  # the two layers share the strength
             main = [s * COMPANION_MAIN_SHARE for s in strengths]
-        hook = planning.make_hook(self.sae, spec, topics, per_row, main, max_act, basis, reference, matches)
+        hook = self._hook(spec, topics, per_row, main, max_act)
         companions = self._companion_hooks(spec, topics, per_row, main)
         generators = [row_generator(s, t) for s, t in zip(seeds, texts, strict=True)]
         return Plan(prompts, list(rows), generators, seeds, per_row, hook, strengths, spec, companions)

@@ -138,8 +138,7 @@ def load_or_measure_descriptions(lm: LoadedModel, sae: SAE, layer: int, prompts:
                 continue  # a corrupt or foreign file is measured anew (and overwritten) below
     ids = promoted_tokens(lm, sae, layer, prompts, rho, progress=progress)
     found = LatentDescriptions(ids, describe(lm.tokenizer, ids), key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(found.to_json()).encode())
+    atomic_write_bytes(path, json.dumps(found.to_json()).encode())  # compact: indented, the ids take 1.5x
     return found
 
 
@@ -161,10 +160,9 @@ def description_embeddings(descriptions: LatentDescriptions, embedder: TextEmbed
     out = np.zeros((len(descriptions.words), embedder.dim), dtype=np.float32)
     if present:
         out[present] = embedder.embed([descriptions.words[i] for i in present], progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = _npy_bytes(out.astype(np.float16))
-    atomic_write_bytes(path, buffer)
-    return np.load(path, allow_pickle=False).astype(np.float32)  # what a later load returns, bit for bit
+    stored = out.astype(np.float16)
+    atomic_write_bytes(path, _npy_bytes(stored))
+    return stored.astype(np.float32)  # what a later load returns, bit for bit
 
 
 def output_match(embeddings: np.ndarray, topic_embeddings: np.ndarray) -> np.ndarray:
