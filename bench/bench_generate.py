@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from saealign.defaults import DEFAULT_LAYER, TOPICS_DIR, default_companion, resolve_sae
+from saealign.defaults import DEFAULT_LAYER, TOPICS_DIR, default_companions, resolve_sae
 from saealign.models import load_model
 from saealign.reference.embed import Embedder
 from saealign.reference.scoring import TopicScores
@@ -47,7 +47,7 @@ def main() -> int:
     args = parser.parse_args()
     lm = load_model("default")
     sae = resolve_sae(f"default:{args.layer}")
-    aligner = Aligner(lm, sae, args.layer, None, Embedder.default(), companion=default_companion(layer=args.layer))
+    aligner = Aligner(lm, sae, args.layer, None, Embedder.default(), companions=default_companions(layer=args.layer))
     rng = np.random.default_rng(0)
     d = sae.d_sae
     texts = [t for t in (TOPICS_DIR / "medical.txt").read_text(encoding="utf-8").splitlines() if t.strip()]
@@ -57,8 +57,9 @@ def main() -> int:
     aligner.generate(PROMPTS[:1], spec=GenerationSpec("none", max_new_tokens=4))  # warm-up
     aligner.generate(PROMPTS[:1], topic, GenerationSpec("add", max_new_tokens=4))  # bases, descriptions, contrasts
     rows = [("swap", "swap", None), ("add, one layer", "add", 0.0)]
-    if aligner.companion is not None:
-        rows.append((f"add + companion (block {aligner.companion.layer})", "add", None))
+    if aligner.companions:
+        blocks = ", ".join(str(c.aligner.layer) for c in aligner.companions)
+        rows.append((f"add + companions (blocks {blocks})", "add", None))
     worst = 0.0
     for batch in (1, 8):
         speeds: dict[str, list[float]] = {"plain": [], **{name: [] for name, _, _ in rows}}

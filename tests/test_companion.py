@@ -1,4 +1,4 @@
-"""The companion layer: a second additive push at an earlier block, with its own SAE, beside the main one."""
+"""Companion layers: further additive pushes at other blocks, each with its own SAE, beside the main one."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_sae
-from saealign.defaults import COMPANION_LAYER, DEFAULT_LAYER, default_companion
+from conftest import make_llama, make_sae, make_tokenizer
+from saealign.defaults import COMPANION_LAYERS, DEFAULT_LAYER, default_companions
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
 from saealign.reference.embed import HashingEmbedder
@@ -47,7 +47,7 @@ def aligners(tiny_lm: LoadedModel, main_sae: SAE, side_sae: SAE, tmp_path: Path,
     """The tiny 2-block Llama steered at block 1, with and without block 0 as its companion."""
     monkeypatch.setenv("SAEALIGN_CACHE", str(tmp_path))
     single = Aligner(tiny_lm, main_sae, 1, embedder=HashingEmbedder())
-    paired = Aligner(tiny_lm, main_sae, 1, embedder=HashingEmbedder(), companion=(side_sae, 0))
+    paired = Aligner(tiny_lm, main_sae, 1, embedder=HashingEmbedder(), companions=[(side_sae, 0)])
     return single, paired
 
 
@@ -63,19 +63,18 @@ def test_the_spec_checks_the_companion_push() -> None:
 
 def test_resolve_fills_the_default_only_where_there_is_a_companion(aligners: tuple[Aligner, Aligner]) -> None:
     single, paired = aligners
-    assert single.companion is None and paired.companion is not None and paired.companion.layer == 0
+    assert single.companions == () and [(c.aligner.layer, c.weight) for c in paired.companions] == [(0, 1.0)]
     assert single.resolve(Spec()).companion_push == 0
     assert paired.resolve(Spec()).companion_push == DEFAULT_COMPANION_PUSH
     assert paired.resolve(Spec("swap")).companion_push == 0  # Swap has no push to share
     assert paired.resolve(Spec(companion_push=0.5)).companion_push == 0.5
-    with pytest.raises(SaealignError, match="companion_push needs an aligner with a companion layer"):
+    with pytest.raises(SaealignError, match="companion_push needs an aligner with companion layers"):
         single.generate(["the cat"], _topic(single.sae), Spec(companion_push=1.0, max_new_tokens=2))
 
 
 def test_both_pushes_are_the_by_hand_directions(aligners: tuple[Aligner, Aligner]) -> None:
     _, paired = aligners
-    assert paired.companion is not None
-    companion = paired.companion
+    companion = paired.companions[0].aligner
     topic = paired.with_contrast(_topic(paired.sae))
     s, push = 0.6, 1.5
     spec = Spec("add", strength=s, companion_push=push)
@@ -89,7 +88,7 @@ def test_both_pushes_are_the_by_hand_directions(aligners: tuple[Aligner, Aligner
     assert torch.allclose(plan.hook.direction[0], main * (s * COMPANION_MAIN_SHARE * basis.residual_norm), atol=1e-5)
     # the companion: M1 scores all 1 (no index), its own contrast (against the model's own text), output scores and
     # output match; pushed `push` times the main layer's strength in its own residual norm
-    side_topic = paired.companion_topic(topic)
+    side_topic = paired.companion_topic(topic, companion)
     assert np.array_equal(side_topic.scores, np.ones(companion.sae.d_sae, np.float32))
     assert side_topic.contrast is not None and side_topic.sae_key == companion.sae_key
     side_basis = companion.steering_basis()
@@ -101,7 +100,7 @@ def test_both_pushes_are_the_by_hand_directions(aligners: tuple[Aligner, Aligner
     assert side_hook.steering.method == "add" and side_hook.direction is not None
     want = side * (s * COMPANION_MAIN_SHARE * push * side_basis.residual_norm)
     assert torch.allclose(side_hook.direction[1], want, atol=1e-5)
-    assert paired.companion_topic(_topic(paired.sae)) is side_topic  # remembered per topic texts
+    assert paired.companion_topic(_topic(paired.sae), companion) is side_topic  # remembered per topic texts
 
 
 def test_no_push_there_is_the_single_layer_aligner_token_for_token(aligners: tuple[Aligner, Aligner]) -> None:
@@ -117,8 +116,7 @@ def test_no_push_there_is_the_single_layer_aligner_token_for_token(aligners: tup
 @torch.inference_mode()
 def test_the_companion_block_gets_its_push_on_the_edited_positions(aligners: tuple[Aligner, Aligner]) -> None:
     _, paired = aligners
-    assert paired.companion is not None
-    block = paired.companion.block
+    block = paired.companions[0].aligner.block
     plan = paired._plan(["the cat sat on the"], _topic(paired.sae), Spec("add", strength=0.9, companion_push=1.2),
                         0, None, None)
     seen: list[torch.Tensor] = []
@@ -148,23 +146,32 @@ def test_a_companion_changes_what_auto_caches(aligners: tuple[Aligner, Aligner])
 
 
 def test_bad_companions_are_one_error(tiny_lm: LoadedModel, main_sae: SAE, side_sae: SAE) -> None:
-    with pytest.raises(SaealignError, match="reads layer 1, the layer this aligner steers"):
-        Aligner(tiny_lm, main_sae, 1, companion=(side_sae, 1))
+    with pytest.raises(SaealignError, match=r"read layers \[1\] beside this aligner's layer 1: give each its own"):
+        Aligner(tiny_lm, main_sae, 1, companions=[(side_sae, 1)])
+    with pytest.raises(SaealignError, match=r"read layers \[0, 0\] beside this aligner's layer 1"):
+        Aligner(tiny_lm, main_sae, 1, companions=[(side_sae, 0), (make_sae(seed=3), 0)])
     with pytest.raises(SaealignError, match=r"SAE d_in=32 does not match the model's hidden size 64 \(layer 0\)"):
-        Aligner(tiny_lm, main_sae, 1, companion=(make_sae(d_in=32), 0))
-    paired = Aligner(tiny_lm, main_sae, 1, embedder=HashingEmbedder(), companion=(side_sae, 0))
+        Aligner(tiny_lm, main_sae, 1, companions=[(make_sae(d_in=32), 0)])
+    for weight in (0.0, 1.5, float("nan")):
+        with pytest.raises(SaealignError, match=r"a companion's weight must lie in \(0, 1\]"):
+            Aligner(tiny_lm, main_sae, 1, companions=[(side_sae, 0, weight)])
+    paired = Aligner(tiny_lm, main_sae, 1, embedder=HashingEmbedder(), companions=[(side_sae, 0)])
     textless = _topic(main_sae)
     textless.topic_texts = []
     with pytest.raises(SaealignError, match="companion_push=0"):
-        paired.companion_topic(textless)
+        paired.companion_topic(textless, paired.companions[0].aligner)
+    with pytest.raises(SaealignError, match="not a companion layer of this one"):
+        paired.companion_topic(_topic(main_sae), paired)
 
 
-def test_the_default_stack_alone_gets_the_shipped_companion() -> None:
-    sae, layer = default_companion()  # type: ignore[misc]
-    assert layer == COMPANION_LAYER == 6 and sae.cfg.hook_layer in (None, COMPANION_LAYER)
-    assert default_companion(layer=DEFAULT_LAYER) is not None
-    assert default_companion(layer=6) is None  # steering at block 6 itself: no companion
-    assert default_companion(sae_spec="some/other-sae") is None and default_companion(model="gpt2") is None
+def test_the_default_stack_alone_gets_the_shipped_companions() -> None:
+    shipped = default_companions()
+    assert [(layer, weight) for _, layer, weight in shipped] == list(COMPANION_LAYERS.items())
+    assert [layer for _, layer, _ in shipped] == [6, 10]
+    assert all(sae.cfg.hook_layer in (None, layer) for sae, layer, _ in shipped)
+    assert len(default_companions(layer=DEFAULT_LAYER)) == 2
+    assert default_companions(layer=6) == []  # steering at block 6 itself: no companions
+    assert default_companions(sae_spec="some/other-sae") == [] and default_companions(model="gpt2") == []
 
 
 def test_the_default_spec_steers_both_layers_and_reports_its_strength(aligners: tuple[Aligner, Aligner]) -> None:
@@ -181,9 +188,10 @@ def test_the_servers_search_copy_keeps_the_companion_and_its_cache_key(aligners:
     searches = StrengthSearches(paired, ServerGuard())
     try:
         copy = searches.searcher()
-        assert copy.companion is not None and paired.companion is not None
-        assert copy.companion.sae is paired.companion.sae and copy.companion.layer == paired.companion.layer
-        assert copy.companion.block is not paired.companion.block  # a block of the search's own model copy
+        ((mine, theirs),) = zip(copy.companions, paired.companions, strict=True)
+        assert mine.aligner.sae is theirs.aligner.sae and mine.aligner.layer == theirs.aligner.layer
+        assert mine.weight == theirs.weight
+        assert mine.aligner.block is not theirs.aligner.block  # a block of the search's own model copy
         auto = Spec(strength="auto")  # the search caches where the worker looks
         assert search.cache_key(copy, copy.resolve(auto), copy.auto_config) == search.cache_key(
             paired, paired.resolve(auto), paired.auto_config)
@@ -210,3 +218,33 @@ def test_a_push_that_measures_nothing_skips_the_sae_and_adds_the_same(main_sae: 
     got = quiet(torch.nn.Identity(), (), (hidden,))
     assert isinstance(got, tuple) and isinstance(want, tuple) and torch.equal(got[0], want[0])
     assert torch.equal(got[0][:, 0], hidden[:, 0]) and not quiet.contamination
+
+
+def test_two_companions_each_push_their_weight_of_the_main_push(main_sae: SAE, side_sae: SAE, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3-block model steered at block 2 with companions at blocks 0 (weight 1) and 1 (weight 0.25): each companion's
+    push is strength x main share x companion_push x its weight, along its own SAE's direction, and the cache key of
+    ``auto`` names both."""
+    monkeypatch.setenv("SAEALIGN_CACHE", str(tmp_path))
+    lm = LoadedModel(model=make_llama(n_layers=3), tokenizer=make_tokenizer(), name="tiny-3", key="tiny3",
+                     load_seconds=0.0)
+    third = make_sae(seed=3)
+    both = Aligner(lm, main_sae, 2, embedder=HashingEmbedder(), companions=[(side_sae, 0), (third, 1, 0.25)])
+    one = Aligner(lm, main_sae, 2, embedder=HashingEmbedder(), companions=[(side_sae, 0)])
+    topic = both.with_contrast(_topic(main_sae))
+    s, push = 0.6, 1.5
+    plan = both._plan(["the cat"], topic, Spec("add", strength=s, companion_push=push), 0, None, None)
+    assert [block for _, block in plan.companions] == [c.aligner.block for c in both.companions]
+    for (hook, _), companion in zip(plan.companions, both.companions, strict=True):
+        side = companion.aligner
+        side_topic = both.companion_topic(topic, side)
+        basis = side.steering_basis()
+        unit = directions.topic_direction(side.sae, torch.ones(side.sae.d_sae), 64, torch.as_tensor(basis.output_scores),
+                                          torch.as_tensor(side_topic.contrast),
+                                          torch.as_tensor(side.output_match(side_topic)))
+        want = unit * (s * COMPANION_MAIN_SHARE * push * companion.weight * basis.residual_norm)
+        assert hook.direction is not None and torch.allclose(hook.direction[0], want, atol=1e-5)
+    cfg = both.auto_config
+    assert search.cache_key(both, both.resolve(Spec()), cfg) != search.cache_key(one, one.resolve(Spec()), cfg)
+    out = both.generate(["the cat"], topic, Spec(greedy=True, max_new_tokens=3))
+    assert len(out[0].token_ids) == 3

@@ -123,15 +123,15 @@ def test_default_rows_compare_the_boosted_default_with_the_constant_push() -> No
     rows = {c.label: c for c in default_conditions(default)}
     assert len(rows) == len(default_conditions(default))  # labels are unique
     assert rows["default (add 0.2 prompt x4)"].spec == default and rows["prompting + default"].prompting
-    assert rows["add 0.15 prompt x4"].spec == Spec(strength=0.15, prompt_boost=4)
+    assert rows["add 0.175 prompt x4"].spec == Spec(strength=0.175, prompt_boost=4)
     assert rows["add 0.25 constant push"].spec == Spec(strength=0.25, prompt_boost=1)
     assert rows["add auto prompt x4"].spec.is_auto and rows["add auto prompt x4"].spec.boost == 4
     assert rows["add 0.35 with feedback"].spec == Spec(feedback=True)  # the feedback's own strength and boost
     assert rows["add 0.2 prompt x4 without output match"].spec == Spec(strength=0.2, prompt_boost=4, output_match=False)
     assert not any("output match" in c.label for c in default_conditions(Spec(output_match=False)))
     assert [c.label for c in default_conditions(Spec("add", strength=0.25, prompt_boost=1))][3:7] == [
-        "default (add 0.25)", "add 0.2", "add 0.3", "add 0.25 one layer"]
-    assert {c.label: c for c in default_conditions()}["add 0.225 one layer"].spec == Spec(companion_push=0)
+        "default (add 0.25)", "add 0.225", "add 0.275", "add 0.25 one layer"]
+    assert {c.label: c for c in default_conditions()}["add 0.16 one layer"].spec == Spec(companion_push=0)
     assert len(default_conditions(Spec(companion_push=0))) == len(default_conditions()) - 1  # no second one-layer row
-    assert {c.label for c in default_conditions(Spec(companion_push=2))} >= {"default (add 0.225 companion x2)",
-                                                                            "add 0.225 one layer"}
+    assert {c.label for c in default_conditions(Spec(companion_push=2))} >= {"default (add 0.16 companion x2)",
+                                                                            "add 0.16 one layer"}

@@ -29,9 +29,9 @@ PACKAGE_DATA = Path(__file__).parent / "data"
 DEFAULT_SAE_DIR = PACKAGE_DATA / "sae" / "smollm2-135m-instruct"
 DEFAULT_LAYER = 15
 """The default steering layer (see docs/results.md for the measurements behind the choice)."""
-COMPANION_LAYER = 6
-"""The block whose shipped SAE the additive methods push beside the default one (``GenerationSpec.companion_push``;
-docs/results.md, run 7)."""
+COMPANION_LAYERS: dict[int, float] = {6: 1.0, 10: 0.6}
+"""The blocks whose shipped SAEs the additive methods push beside the default one, each with its weight (its push as
+a share of ``GenerationSpec.companion_push`` × the main layer's): docs/results.md, runs 7 and 8."""
 DEFAULT_INDEX_PROMPTS = 20_000
 """Stratified WordNet sample size of the default index (coverage of live latents: see docs)."""
 SHIPPED_INDEX = PACKAGE_DATA / "index" / "smollm2-135m-instruct-L15-wordnet20k"
@@ -62,13 +62,14 @@ def resolve_sae(spec: str) -> SAE:
     return load_sae(spec, dtype=dtype)
 
 
-def default_companion(model: str = "default", sae_spec: str = "default",
-                      layer: int | None = None) -> tuple[SAE, int] | None:
-    """The shipped block-6 SAE and its layer, the companion of the embedded default stack (the default model with its
-    SAE at :data:`DEFAULT_LAYER`); None for any other stack, which steers at its one layer unless given one."""
+def default_companions(model: str = "default", sae_spec: str = "default",
+                       layer: int | None = None) -> list[tuple[SAE, int, float]]:
+    """The shipped SAEs of :data:`COMPANION_LAYERS` with their layers and weights, the companions of the embedded
+    default stack (the default model with its SAE at :data:`DEFAULT_LAYER`); none for any other stack, which steers at
+    its one layer unless given companions."""
     if model != "default" or sae_spec not in ("default", f"default:{DEFAULT_LAYER}") or layer not in (None, DEFAULT_LAYER):
-        return None
-    return resolve_sae(f"default:{COMPANION_LAYER}"), COMPANION_LAYER
+        return []
+    return [(resolve_sae(f"default:{at}"), at, weight) for at, weight in COMPANION_LAYERS.items()]
 
 
 def shared_data_dir() -> Path | None:

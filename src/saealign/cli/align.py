@@ -22,6 +22,7 @@ from saealign.cli.common import (
 from saealign.errors import SaealignError
 from saealign.steering.spec import (
     ADDITIVE,
+    COMPANION_MAIN_SHARE,
     DEFAULT_COMPANION_PUSH,
     DEFAULT_METHOD,
     DEFAULT_PROMPT_BOOST,
@@ -41,7 +42,7 @@ SPEC_OPTIONS = [
     click.option("--mode", type=click.Choice(MODES), default="error", show_default=True,
                  help="error: keep the SAE's reconstruction error; replace: layer output = SAE decode (the paper)"),
     click.option("--strength", default=None,
-                 help="how hard the method steers (add: x median residual norm, default 0.225; Swap/Weight: "
+                 help="how hard the method steers (add: x median residual norm, default 0.16; Swap/Weight: "
                       "scores**strength, default 1 = the paper); auto: the strongest within the fluency budget, "
                       "searched once per topic"),
     click.option("--max-new-tokens", default=64, show_default=True),
@@ -70,9 +71,10 @@ SPEC_OPTIONS = [
                  help="additive methods: push the prompt this many times harder than each generated token "
                       f"(default {DEFAULT_PROMPT_BOOST['add']:g}: one push throughout)"),
     click.option("--companion-push", type=float, default=None,
-                 help="additive methods: also push at the companion layer (block 6 for the defaults), this many "
-                      "times as hard as the main layer, which then takes 2/3 of the strength; 0 = one layer "
-                      f"(default {DEFAULT_COMPANION_PUSH:.3g} where the stack has a companion layer, else 0)"),
+                 help="additive methods: also push at the companion layers (blocks 6 and 10 for the defaults), this "
+                      "many times (x each one's weight) as hard as the main layer, which then takes "
+                      f"{COMPANION_MAIN_SHARE:.3g} of the strength; 0 = one layer (default {DEFAULT_COMPANION_PUSH:.3g} "
+                      "where the stack has companion layers, else 0)"),
 ]
 SPEC_FIELDS = {f.name for f in fields(GenerationSpec)}
 

@@ -98,14 +98,14 @@ def load_aligner(model: str, sae_spec: str, layer: int | None, index_dir: Path |
     An SAE preset (``--sae gpt2-small-oai-v5-32k:9``) brings its model when ``--model`` is left at default,
     and any failure to fetch them says that the preset needs the hub.
     """
-    from saealign.defaults import default_companion, load_stack
+    from saealign.defaults import default_companions, load_stack
     from saealign.sae.presets import find_preset, hub_needed
     from saealign.steering.aligner import Aligner
 
     preset = find_preset(sae_spec)
     if preset is None:
         return Aligner(*load_stack(model, sae_spec, layer, index_dir, corpus_spec, max_prompts),
-                       companion=default_companion(model, sae_spec, layer))
+                       companions=default_companions(model, sae_spec, layer))
     if model == "default":
         model = preset[0].model
     try:

@@ -45,9 +45,9 @@ class DefaultLoader:
     """The embedded defaults of :mod:`saealign.defaults` (nothing from a model hub)."""
 
     def aligner(self, layer: int) -> Aligner:
-        from saealign.defaults import default_companion, load_stack
+        from saealign.defaults import default_companions, load_stack
 
-        return Aligner(*load_stack(layer=layer), companion=default_companion(layer=layer))
+        return Aligner(*load_stack(layer=layer), companions=default_companions(layer=layer))
 
     def index(self, layer: int, corpus_spec: str, max_prompts: int) -> tuple[ReferenceIndex, TextEmbedder]:
         from saealign.defaults import load_stack

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from saealign.errors import SaealignError
 from saealign.reference.scoring import METRICS, SUMMARIES
 from saealign.steering.spec import (
+    COMPANION_MAIN_SHARE,
     DEFAULT_COMPANION_PUSH,
     DEFAULT_METHOD,
     DEFAULT_PROMPT_BOOST,
@@ -86,7 +87,7 @@ class SteeringOptions(BaseModel):
     strength: float | Literal["auto"] | None = Field(
         default=None, description="how hard the method steers, within its range (add: x median residual norm; "
                                   "Swap/Weight: scores**strength, 1 = the paper); null = the method's default "
-                                  "(add 0.225, 0.35 with feedback; swap_add 0.3; Swap/Weight 1); auto = the "
+                                  "(add 0.16, 0.35 with feedback; swap_add 0.3; Swap/Weight 1); auto = the "
                                   "strongest within the fluency budget, searched once per topic")
     steer_prompt: bool = Field(default=True, description="also edit the prompt's positions")
     clamp_n: int = Field(default=5, description="clamp: latents forced on")
@@ -105,9 +106,10 @@ class SteeringOptions(BaseModel):
         default=None, description="additive methods: push the prompt this many times harder than each generated "
                                   f"token; null = the default ({DEFAULT_PROMPT_BOOST['add']:g}: one push throughout)")
     companion_push: float | None = Field(
-        default=None, description="additive methods: also push at the served stack's companion layer, this many times "
-                                  "as hard as the main layer, which then takes 2/3 of the strength; 0 = one layer; "
-                                  f"null = {DEFAULT_COMPANION_PUSH:.3g} where the stack has a companion layer, else 0")
+        default=None, description="additive methods: also push at the served stack's companion layers, this many "
+                                  "times (x each one's weight) as hard as the main layer, which then takes "
+                                  f"{COMPANION_MAIN_SHARE:.3g} of the strength; 0 = one layer; null = "
+                                  f"{DEFAULT_COMPANION_PUSH:.3g} where the stack has companion layers, else 0")
     top_k: int = 5
     greedy: bool = False
 

@@ -57,14 +57,13 @@ class StrengthSearches:
             aligner.embedder = LockedEmbedder(aligner.embedder, threading.Lock())  # type: ignore[assignment]
 
     def searcher(self) -> Aligner:
-        """The search's own Aligner: copies of the model and tokenizer; SAEs (the companion's too), index and
+        """The search's own Aligner: copies of the model and tokenizer; SAEs (the companions' too), index and
         embedder shared."""
         if self._searcher is None:
             lm = self.aligner.lm
             own = dataclasses.replace(lm, model=copy.deepcopy(lm.model), tokenizer=copy.deepcopy(lm.tokenizer))
-            side = self.aligner.companion
             self._searcher = Aligner(own, self.aligner.sae, self.aligner.layer, self.aligner.index,
-                                     self.aligner.embedder, None if side is None else (side.sae, side.layer))
+                                     self.aligner.embedder, self.aligner.companion_spec)
             self._searcher.auto_config = self.aligner.auto_config
         return self._searcher
 

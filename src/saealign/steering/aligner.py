@@ -22,8 +22,10 @@ identical samples: pass one seed per prompt (``seed=[0, 1, 2]``) for several sam
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -53,7 +55,19 @@ from saealign.steering.plan import Plan, TopicArg
 from saealign.steering.spec import ADDITIVE, COMPANION_MAIN_SHARE, DEFAULT_COMPANION_PUSH, GenerationSpec
 from saealign.steering.strength import AutoStrengthConfig, NeutralProbe, StrengthChoice, neutral_prompts
 
-__all__ = ["Aligner", "Generation", "TokenEvent", "TopicArg"]
+__all__ = ["Aligner", "Companion", "CompanionArg", "Generation", "TokenEvent", "TopicArg"]
+
+CompanionArg = tuple[SAE, int] | tuple[SAE, int, float]
+"""A companion layer as given to :class:`Aligner`: its SAE, the layer it reads and optionally its weight (default 1)."""
+
+
+class Companion(NamedTuple):
+    """A companion layer of an :class:`Aligner`: pushed beside the main layer by the additive methods."""
+
+    aligner: Aligner
+    """Its own aligner: the same model, the companion's SAE and layer, no index."""
+    weight: float
+    """Its push as a share of ``companion_push`` × the main layer's push, in (0, 1]."""
 
 
 class Aligner:
@@ -66,10 +80,11 @@ class Aligner:
         layer: int,
         index: ReferenceIndex | None = None,
         embedder: TextEmbedder | None = None,
-        companion: tuple[SAE, int] | None = None,
+        companions: Sequence[CompanionArg] = (),
     ) -> None:
-        """``companion``: an SAE and the (earlier) layer it reads, pushed beside this one by the additive methods
-        (:attr:`GenerationSpec.companion_push`); the defaults have one (:func:`saealign.defaults.default_companion`)."""
+        """``companions``: further SAEs, each with the layer it reads (and optionally a weight in (0, 1], default 1),
+        pushed beside this one by the additive methods (:attr:`GenerationSpec.companion_push`); the defaults have two
+        (:func:`saealign.defaults.default_companions`)."""
         from saealign.sae.formats import check_sae_fits
 
         check_sae_fits(sae, lm.d_model, f"layer {layer}")
@@ -89,27 +104,39 @@ class Aligner:
         self.special_ids = special_token_ids(lm.tokenizer)
         """Token ids whose positions are never edited (see :func:`saealign.steering.decoding.decode_steps`)."""
         self.sae_key = sae_key(sae)
-        self.companion: Aligner | None = None
-        """The companion layer's own aligner (same model, its SAE, no index), or None."""
-        if companion is not None:
-            self.companion = Aligner(lm, companion[0], companion[1], None, embedder)
-            if self.companion.layer == self.layer:
-                raise SaealignError(f"the companion SAE reads layer {self.layer}, the layer this aligner steers: give "
-                                    "it another layer")
-        self._companion_topics: dict[tuple[str, ...], TopicScores] = {}
+        self.companions: tuple[Companion, ...] = tuple(self._companion(c) for c in companions)
+        """The companion layers (empty: the additive methods push at this layer alone)."""
+        layers = [self.layer, *(c.aligner.layer for c in self.companions)]
+        if len(set(layers)) < len(layers):
+            raise SaealignError(f"the companion SAEs read layers {layers[1:]} beside this aligner's layer {self.layer}: "
+                                "give each its own layer")
+        self._companion_topics: dict[tuple[int, tuple[str, ...]], TopicScores] = {}
         if index is not None and (index.keys.sae != self.sae_key or index.keys.layer % lm.n_layers != self.layer):
             raise SaealignError(
                 f"the index at {index.folder} was built for SAE {index.keys.sae} at layer {index.keys.layer}, not "
                 f"SAE {self.sae_key} at layer {self.layer}: build an index for this SAE and layer"
             )
 
+    def _companion(self, given: CompanionArg) -> Companion:
+        sae, layer, *rest = given
+        weight = float(rest[0]) if rest else 1.0
+        if not (math.isfinite(weight) and 0 < weight <= 1):
+            raise SaealignError(f"a companion's weight must lie in (0, 1], got {weight!r}: scale every companion with "
+                                "companion_push instead")
+        return Companion(Aligner(self.lm, sae, layer, None, self.embedder), weight)
+
+    @property
+    def companion_spec(self) -> list[CompanionArg]:
+        """The companions as :class:`Aligner` takes them (to build another aligner with the same layers)."""
+        return [(c.aligner.sae, c.aligner.layer, c.weight) for c in self.companions]
+
     @classmethod
     def default(cls, layer: int | None = None, progress: bool = True) -> Aligner:
         """The embedded defaults (SmolLM2-135M-Instruct, the shipped SAE, a WordNet index, MiniLM; at the default
-        layer, the shipped block-6 SAE as its companion)."""
-        from saealign.defaults import default_companion, load_stack
+        layer, the shipped SAEs of :data:`saealign.defaults.COMPANION_LAYERS` as its companions)."""
+        from saealign.defaults import default_companions, load_stack
 
-        return cls(*load_stack(layer=layer, progress=progress), companion=default_companion(layer=layer))
+        return cls(*load_stack(layer=layer, progress=progress), companions=default_companions(layer=layer))
 
     def topic(
         self,
@@ -241,45 +268,49 @@ class Aligner:
         """``spec`` with ``companion_push`` resolved for this aligner (None: the default where it has a companion
         layer, else 0); one error line if it asks for a companion this aligner lacks."""
         if spec.companion_push is None:
-            default = DEFAULT_COMPANION_PUSH if self.companion is not None and spec.method in ADDITIVE else 0.0
+            default = DEFAULT_COMPANION_PUSH if self.companions and spec.method in ADDITIVE else 0.0
             return replace(spec, companion_push=default)
-        if spec.companion_push > 0 and spec.method in ADDITIVE and self.companion is None:
-            raise SaealignError("companion_push needs an aligner with a companion layer (Aligner(..., companion=(sae, "
-                                "layer)); the defaults have one): steer with companion_push=0")
+        if spec.companion_push > 0 and spec.method in ADDITIVE and not self.companions:
+            raise SaealignError("companion_push needs an aligner with companion layers (Aligner(..., companions=[(sae, "
+                                "layer)]); the defaults have them): steer with companion_push=0")
         return spec
 
-    def companion_topic(self, topic: TopicScores) -> TopicScores:
-        """``topic`` for the companion layer's SAE: every latent weighs 1 as its M1 score (the companion has no
+    def companion_topic(self, topic: TopicScores, side: Aligner) -> TopicScores:
+        """``topic`` for the companion ``side``'s SAE: every latent weighs 1 as its M1 score (a companion has no
         index), times its activation contrast against the model's own text, output score and output match
-        (remembered per topic texts)."""
-        if self.companion is None:
-            raise SaealignError("this aligner has no companion layer")
+        (remembered per companion and topic texts)."""
+        if all(c.aligner is not side for c in self.companions):
+            raise SaealignError("that aligner is not a companion layer of this one")
         if not topic.topic_texts:
-            raise SaealignError("these topic scores hold no topic texts to steer the companion layer with: re-score "
+            raise SaealignError("these topic scores hold no topic texts to steer the companion layers with: re-score "
                                 "the topic, or steer with companion_push=0")
-        key = tuple(topic.topic_texts)
+        key = (side.layer, tuple(topic.topic_texts))
         if key not in self._companion_topics:
-            d = self.companion.sae.d_sae
+            d = side.sae.d_sae
             plain = TopicScores(np.ones(d, np.float32), np.full(d, np.nan), np.zeros(d, np.int64), np.ones(d, bool),
-                                list(key), sae_key=self.companion.sae_key,
+                                list(key[1]), sae_key=side.sae_key,
                                 note="companion layer: weighed by contrast, output score and output match alone")
-            if len(self._companion_topics) >= 256:  # a server sees many topics: keep the memory bounded
+            if len(self._companion_topics) >= 256 * len(self.companions):  # a server sees many topics: bounded
                 self._companion_topics.pop(next(iter(self._companion_topics)))
-            self._companion_topics[key] = self.companion.with_contrast(plain)
+            self._companion_topics[key] = side.with_contrast(plain)
         return self._companion_topics[key]
 
     def _companion_hooks(self, spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
                          strengths: list[float]) -> tuple[tuple[SteeringHook, torch.nn.Module], ...]:
-        """The companion layer's push for the batch (empty when it is off), ``strengths`` being the main layer's."""
+        """The companion layers' pushes for the batch (empty when they are off), ``strengths`` being the main
+        layer's: each companion gets ``strength × companion_push × its weight``."""
         push = spec.companion_push or 0.0
-        if spec.method not in ADDITIVE or push == 0 or not topics or self.companion is None:
+        if spec.method not in ADDITIVE or push == 0 or not topics:
             return ()
-        side = replace(spec, method="add")  # the companion only pushes: no Swap there
-        hook = self.companion._hook(side, [self.companion_topic(t) for t in topics], per_row,
-                                    [s * push for s in strengths], None)
-        assert hook is not None
-        hook.record = False
-        return ((hook, self.companion.block),)
+        side_spec = replace(spec, method="add")  # a companion only pushes: no Swap there
+        hooks = []
+        for c in self.companions:
+            hook = c.aligner._hook(side_spec, [self.companion_topic(t, c.aligner) for t in topics], per_row,
+                                   [s * push * c.weight for s in strengths], None)
+            assert hook is not None
+            hook.record = False
+            hooks.append((hook, c.aligner.block))
+        return tuple(hooks)
 
     def _hook(self, spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
               strengths: list[float], max_act: torch.Tensor | None) -> SteeringHook | None:

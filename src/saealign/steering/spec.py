@@ -34,13 +34,14 @@ AUTO = "auto"
 DEFAULT_METHOD = "add"
 """What a request with a topic and no method gets: chosen by ``saealign eval steer-bench`` (docs/results.md)."""
 
-DEFAULT_STRENGTH: dict[str, float] = {"swap": 1.0, "weight": 1.0, "add": 0.225, "swap_add": 0.3}
+DEFAULT_STRENGTH: dict[str, float] = {"swap": 1.0, "weight": 1.0, "add": 0.16, "swap_add": 0.3}
 """What ``strength=None`` (a request that names none) means per method. Swap and Weight: the paper's 1. The
-additive methods: 0.225 (add, with the output match) and 0.3 (swap_add) × the median residual norm, chosen by
-``saealign eval steer-bench`` (docs/results.md): the strongest push whose judge perplexity stays near the
-unsteered text's over the benchmark's 12 topics, one global number (no per-topic tuning); ``"auto"`` searches a
-strength per topic instead. With a companion layer on (:attr:`GenerationSpec.companion_push`) the number is shared
-between the two layers (:data:`COMPANION_MAIN_SHARE`)."""
+additive methods: 0.16 (add, with the output match and the default stack's two companion layers) and 0.3 (swap_add)
+× the median residual norm, chosen by ``saealign eval steer-bench`` (docs/results.md, run 8): the strongest push whose
+judge perplexity and distinct-2 stay within 1.15x and 0.9x of the unsteered text's over the benchmark's 12 topics on
+its choosing seeds, one global number (no per-topic tuning); ``"auto"`` searches a strength per topic instead. With
+companion layers on (:attr:`GenerationSpec.companion_push`) the number is shared between the layers
+(:data:`COMPANION_MAIN_SHARE`): 0.107 at block 15, 0.142 at block 6 and 0.085 at block 10."""
 FEEDBACK_STRENGTH: dict[str, float] = {**DEFAULT_STRENGTH, "add": 0.35}
 """The same with ``feedback=True``: the push is full only while the text is off topic, so add's is higher."""
 
@@ -53,13 +54,12 @@ held-out ones (add 0.2 with the prompt at x3: 0.729 hit rate at 1.130x judge per
 PROMPT_BOOST_MAX = 10.0
 
 DEFAULT_COMPANION_PUSH = 4 / 3
-"""What ``companion_push=None`` means when the aligner has a companion layer (:attr:`GenerationSpec.companion_push`):
-the companion layer is pushed 4/3 as hard as the main one; chosen by ``saealign eval steer-bench``
-(docs/results.md, run 7)."""
+"""What ``companion_push=None`` means when the aligner has companion layers (:attr:`GenerationSpec.companion_push`):
+each companion layer is pushed 4/3 × its weight as hard as the main one; chosen by ``saealign eval steer-bench``
+(docs/results.md, runs 7 and 8)."""
 COMPANION_MAIN_SHARE = 2 / 3
-"""With a companion layer on, the main layer is pushed ``strength × 2/3`` (and the companion ``× companion_push`` of
-that): the default 0.225 becomes 0.15 at block 15 and 0.2 at block 6, the benchmark's choice, and one strength scale
-(numbers, ``auto``) serves aligners with and without a companion."""
+"""With companion layers on, the main layer is pushed ``strength × 2/3`` (and each companion ``× companion_push × its
+weight`` of that), so one strength scale (numbers, ``auto``) serves aligners with and without companions."""
 COMPANION_PUSH_MAX = 8.0
 """The largest companion push (times the main layer's); the companion's own push also stays within the method's
 strength range."""
@@ -151,12 +151,13 @@ class GenerationSpec:
     perplexity (docs/results.md, run 5). With ``steer_prompt=False`` it applies to the last prompt position
     alone."""
     companion_push: float | None = None
-    """Additive methods: also push at the aligner's companion layer (an earlier block with its own SAE,
-    :attr:`saealign.steering.aligner.Aligner.companion`) along the topic direction that layer's SAE gives, this many
-    times as hard as the main layer (each in its own layer's residual norm); the main layer then takes
-    :data:`COMPANION_MAIN_SHARE` of ``strength``. Two moderate pushes at two depths buy more topic than one harder
-    push at equal fluency (docs/results.md, run 7). 0 = one layer (the main layer takes the whole strength); None =
-    :data:`DEFAULT_COMPANION_PUSH` where the aligner has a companion layer, else 0 (resolved by the aligner)."""
+    """Additive methods: also push at the aligner's companion layers (earlier blocks, each with its own SAE,
+    :attr:`saealign.steering.aligner.Aligner.companions`) along the topic direction each layer's SAE gives, this many
+    times × the companion's weight as hard as the main layer (each in its own layer's residual norm); the main layer
+    then takes :data:`COMPANION_MAIN_SHARE` of ``strength``. Moderate pushes at several depths buy more topic than one
+    harder push at equal fluency (docs/results.md, runs 7 and 8). 0 = one layer (the main layer takes the whole
+    strength); None = :data:`DEFAULT_COMPANION_PUSH` where the aligner has companion layers, else 0 (resolved by the
+    aligner)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

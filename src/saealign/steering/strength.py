@@ -318,7 +318,7 @@ def cache_key(aligner: Aligner, spec: GenerationSpec, cfg: AutoStrengthConfig) -
     steering = {k: v for k, v in spec.to_json().items()
                 if k in ("method", "mode", "steer_prompt", "unscored", "n_latents", "output_scores", "contrast",
                          "output_match", "feedback", "prompt_boost", "companion_push")}
-    companion = getattr(aligner, "companion", None)
-    if spec.companion_push and companion is not None:  # the choice holds for this companion SAE and layer only
-        steering["companion"] = f"{companion.sae_key}-L{companion.layer}"
+    companions = getattr(aligner, "companions", ())
+    if spec.companion_push and companions:  # the choice holds for these companion SAEs, layers and weights only
+        steering["companions"] = [f"{c.aligner.sae_key}-L{c.aligner.layer}-w{c.weight:.6g}" for c in companions]
     return f"{aligner.lm.key[:8]}-{aligner.sae_key[:8]}-L{aligner.layer}-{spec.method}-{hash_json(steering)[:8]}-{cfg.key()}"
