@@ -4,8 +4,8 @@ Run: ``python bench/bench_generate.py [--layer 15] [--tokens 64] [--repeats 2]``
 
 Plain = no hook at all; Swap = the SAE hook at the layer (encode, edit, decode, contamination
 recorded) in the default ``error`` mode; add = the default method, one layer (push + the SAE read of the
-pushed residual for contamination) and with the default stack's companion push at block 6 (no SAE pass
-there: it records nothing). 64 new tokens, top-k 5 sampling, batch 1 and 8. The topic scores are random
+pushed residual for contamination) and with the default stack's companion pushes at blocks 6 and 10 (no SAE
+pass there: they record nothing). 64 new tokens, top-k 5 sampling, batch 1 and 8. The topic scores are random
 (the cost does not depend on their values), with the shipped medical texts for the contrast and the output
 match. Prints tokens/s and the overhead ratios (target: steered costs <= 1.10x plain).
 """

@@ -225,3 +225,30 @@ def test_layer_out_of_range_fails_cleanly_and_leaves_nothing_behind(files: Files
     assert_one_error_line(run(*build, "--layer", 5), "layer 5 is out of range", "0..1")
     result = run(*build)
     assert result.exit_code == 0, result.output
+
+
+def test_generate_from_a_score_csv_with_companion_layers_needs_the_texts(files: Files, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scores alone (a CSV) steer one layer; the companions' push reads the topic texts, so asking for it without them
+    is one error line before any generation, and ``--companion-push 0`` steers."""
+    import saealign.cli.align as align_cli
+    from saealign.reference.authors_csv import write_authors_csv
+    from saealign.steering.aligner import Aligner
+
+    real = align_cli.load_aligner
+
+    def with_a_companion(*args: Any) -> Aligner:
+        plain = real(*args)
+        return Aligner(plain.lm, plain.sae, plain.layer, plain.index, plain.embedder, companions=[(make_sae(seed=4), 1)])
+
+    monkeypatch.setattr(align_cli, "load_aligner", with_a_companion)
+    d = make_sae().d_sae
+    scores = TopicScores(np.linspace(0, 1, d, dtype=np.float32), np.zeros(d), np.full(d, 30), np.ones(d, bool), [],
+                         sae_key=sae_key(make_sae()))
+    csv = write_authors_csv(scores, tmp_path / "scores.csv")
+    args = ["generate", *stack(files), "--scores", csv, "--no-contrast", "--no-output-match", "--max-new-tokens", 3,
+            "--greedy", "--json"]
+    assert_one_error_line(run(*args, "the cat sat on the"), "holds scores only", "--companion-push 0")
+    steered = run(*args, "--companion-push", "0", "the cat sat on the")
+    assert steered.exit_code == 0, steered.output
+    assert json.loads(steered.stdout.strip())["strength"] == 0.16

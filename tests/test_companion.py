@@ -152,7 +152,9 @@ def test_bad_companions_are_one_error(tiny_lm: LoadedModel, main_sae: SAE, side_
         Aligner(tiny_lm, main_sae, 1, companions=[(side_sae, 0), (make_sae(seed=3), 0)])
     with pytest.raises(SaealignError, match=r"SAE d_in=32 does not match the model's hidden size 64 \(layer 0\)"):
         Aligner(tiny_lm, main_sae, 1, companions=[(make_sae(d_in=32), 0)])
-    for weight in (0.0, 1.5, float("nan")):
+    with pytest.raises(SaealignError, match=r"a companion is \(sae, layer\) or \(sae, layer, weight\)"):
+        Aligner(tiny_lm, main_sae, 1, companions=[(side_sae, 0, 0.5, 1)])  # type: ignore[list-item]
+    for weight in (0.0, 1.5, float("nan"), "half", True):
         with pytest.raises(SaealignError, match=r"a companion's weight must lie in \(0, 1\]"):
             Aligner(tiny_lm, main_sae, 1, companions=[(side_sae, 0, weight)])
     paired = Aligner(tiny_lm, main_sae, 1, embedder=HashingEmbedder(), companions=[(side_sae, 0)])

@@ -201,6 +201,9 @@ def generate_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path |
         encode_prompt(aligner.lm, i, p, spec.chat, spec.max_new_tokens)  # too long for the model: say so now
     if topic is not None:
         topic.check_compatible(aligner.sae_key, aligner.sae.d_sae)
+        if not topic.topic_texts and spec.method in ADDITIVE and aligner.resolve(spec).companion_push:
+            raise SaealignError(f"--scores {scores_path} holds scores only, and the companion layers' push reads the "
+                                "topic texts: give them with --topic-file/--topic, or steer with --companion-push 0")
     elif texts is not None:
         topic = aligner.topic(texts, min_prompts=min_prompts)
     if topic is not None and spec.is_auto and spec.method in STRENGTH_METHODS:

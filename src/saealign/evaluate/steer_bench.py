@@ -77,10 +77,10 @@ NEIGHBOUR_STEP = 0.025
 
 
 def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondition]:
-    """none, prompting, prompting + the default, the default, its neighbours (strength ± :data:`NEIGHBOUR_STEP`, the constant push
-    for a boosted default, the main layer alone where the default has a companion push, auto, the direction without
-    the activation contrast and without the output match, the topic feedback), the paper's Swap, and the hybrid
-    swap_add. (The prompt boost, measured in run 5, is no longer a row: ``SteerBenchOptions.conditions`` can name it.)"""
+    """none, prompting, prompting + the default, the default, its neighbours (strength ± :data:`NEIGHBOUR_STEP`, the
+    constant push for a boosted default, the main layer alone where the default has a companion push, auto, the
+    direction without the activation contrast and without the output match, the topic feedback), the paper's Swap, and
+    the hybrid swap_add. (The prompt boost, measured in run 5, is no longer a row: ``SteerBenchOptions.conditions`` can name it.)"""
     default = default or GenerationSpec()
     out = [BenchCondition("none", GenerationSpec(method="none")),
            BenchCondition("prompting", GenerationSpec(method="none"), prompting=True),

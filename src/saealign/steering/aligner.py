@@ -118,12 +118,15 @@ class Aligner:
             )
 
     def _companion(self, given: CompanionArg) -> Companion:
+        if not isinstance(given, (tuple, list)) or len(given) not in (2, 3):
+            raise SaealignError(f"a companion is (sae, layer) or (sae, layer, weight), got {given!r}")
         sae, layer, *rest = given
-        weight = float(rest[0]) if rest else 1.0
-        if not (math.isfinite(weight) and 0 < weight <= 1):
+        weight = rest[0] if rest else 1.0
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight)
+                                                                                     and 0 < weight <= 1):
             raise SaealignError(f"a companion's weight must lie in (0, 1], got {weight!r}: scale every companion with "
                                 "companion_push instead")
-        return Companion(Aligner(self.lm, sae, layer, None, self.embedder), weight)
+        return Companion(Aligner(self.lm, sae, layer, None, self.embedder), float(weight))
 
     @property
     def companion_spec(self) -> list[CompanionArg]:
@@ -265,8 +268,8 @@ class Aligner:
         return self._matches[key]
 
     def resolve(self, spec: GenerationSpec) -> GenerationSpec:
-        """``spec`` with ``companion_push`` resolved for this aligner (None: the default where it has a companion
-        layer, else 0); one error line if it asks for a companion this aligner lacks."""
+        """``spec`` with ``companion_push`` resolved for this aligner (None: the default where it has companion
+        layers, else 0); one error line if it asks for companions this aligner lacks."""
         if spec.companion_push is None:
             default = DEFAULT_COMPANION_PUSH if self.companions and spec.method in ADDITIVE else 0.0
             return replace(spec, companion_push=default)
@@ -363,7 +366,7 @@ class Aligner:
             assert self.index is not None
             max_act = torch.as_tensor(self.index.latent_max_act, device=self.sae.W_enc.device)
         main = strengths
-        if spec.method in ADDITIVE and spec.companion_push and topics:  # the two layers share the strength
+        if spec.method in ADDITIVE and spec.companion_push and topics:  # the layers share the strength
             main = [s * COMPANION_MAIN_SHARE for s in strengths]
         hook = self._hook(spec, topics, per_row, main, max_act)
         companions = self._companion_hooks(spec, topics, per_row, main)

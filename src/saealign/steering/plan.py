@@ -44,7 +44,7 @@ class Plan:
     """The strength each row was steered with (``auto`` resolved per topic)."""
     spec: GenerationSpec
     companions: tuple[tuple[SteeringHook, nn.Module], ...] = ()
-    """Further pushes, each a hook and the block it is attached to beside :attr:`hook` (the companion layer,
+    """Further pushes, each a hook and the block it is attached to beside :attr:`hook` (the companion layers,
     :attr:`GenerationSpec.companion_push`); they steer and record nothing."""
 
 
