@@ -41,6 +41,15 @@ def _topic(sae: SAE) -> TopicScores:
                        sae_key=sae_key(sae))
 
 
+def _companion_unit(owner: Aligner, side: Aligner, topic: TopicScores) -> torch.Tensor:
+    """The companion ``side``'s unit topic direction by hand: M1 scores all 1 (no index), its own contrast (against
+    the model's own text), output scores and output match."""
+    side_topic = owner.companion_topic(topic, side)
+    return directions.topic_direction(side.sae, torch.ones(side.sae.d_sae), 64,
+                                      torch.as_tensor(side.steering_basis().output_scores),
+                                      torch.as_tensor(side_topic.contrast), torch.as_tensor(side.output_match(side_topic)))
+
+
 @pytest.fixture
 def aligners(tiny_lm: LoadedModel, main_sae: SAE, side_sae: SAE, tmp_path: Path,
              monkeypatch: pytest.MonkeyPatch) -> tuple[Aligner, Aligner]:
@@ -91,14 +100,11 @@ def test_both_pushes_are_the_by_hand_directions(aligners: tuple[Aligner, Aligner
     side_topic = paired.companion_topic(topic, companion)
     assert np.array_equal(side_topic.scores, np.ones(companion.sae.d_sae, np.float32))
     assert side_topic.contrast is not None and side_topic.sae_key == companion.sae_key
-    side_basis = companion.steering_basis()
-    side = directions.topic_direction(companion.sae, torch.ones(companion.sae.d_sae), spec.n_latents,
-                                      torch.as_tensor(side_basis.output_scores), torch.as_tensor(side_topic.contrast),
-                                      torch.as_tensor(companion.output_match(side_topic)))
+    side = _companion_unit(paired, companion, topic)
     ((side_hook, block),) = plan.companions
     assert block is companion.block and side_hook.sae is companion.sae and not side_hook.record
     assert side_hook.steering.method == "add" and side_hook.direction is not None
-    want = side * (s * COMPANION_MAIN_SHARE * push * side_basis.residual_norm)
+    want = side * (s * COMPANION_MAIN_SHARE * push * companion.steering_basis().residual_norm)
     assert torch.allclose(side_hook.direction[1], want, atol=1e-5)
     assert paired.companion_topic(_topic(paired.sae), companion) is side_topic  # remembered per topic texts
 
@@ -239,12 +245,8 @@ def test_two_companions_each_push_their_weight_of_the_main_push(main_sae: SAE, s
     assert [block for _, block in plan.companions] == [c.aligner.block for c in both.companions]
     for (hook, _), companion in zip(plan.companions, both.companions, strict=True):
         side = companion.aligner
-        side_topic = both.companion_topic(topic, side)
-        basis = side.steering_basis()
-        unit = directions.topic_direction(side.sae, torch.ones(side.sae.d_sae), 64, torch.as_tensor(basis.output_scores),
-                                          torch.as_tensor(side_topic.contrast),
-                                          torch.as_tensor(side.output_match(side_topic)))
-        want = unit * (s * COMPANION_MAIN_SHARE * push * companion.weight * basis.residual_norm)
+        unit = _companion_unit(both, side, topic)
+        want = unit * (s * COMPANION_MAIN_SHARE * push * companion.weight * side.steering_basis().residual_norm)
         assert hook.direction is not None and torch.allclose(hook.direction[0], want, atol=1e-5)
     cfg = both.auto_config
     assert search.cache_key(both, both.resolve(Spec()), cfg) != search.cache_key(one, one.resolve(Spec()), cfg)

@@ -195,14 +195,13 @@ class GenerationSpec:
             raise SaealignError(f"strength {self.strength} x prompt_boost {boost:g} pushes the prompt past {self.method}'s "
                                 f"largest strength ({high:g}): lower one of them")
         companion = self.companion_push
-        if companion is not None and (isinstance(companion, bool) or not isinstance(companion, (int, float))
-                                      or not 0 <= companion <= COMPANION_PUSH_MAX):
-            raise SaealignError(f"companion_push must be a number from 0 to {COMPANION_PUSH_MAX:g}, got {companion!r}")
         if companion is not None:
+            if isinstance(companion, bool) or not isinstance(companion, (int, float)) or not 0 <= companion <= COMPANION_PUSH_MAX:
+                raise SaealignError(f"companion_push must be a number from 0 to {COMPANION_PUSH_MAX:g}, got {companion!r}")
             object.__setattr__(self, "companion_push", float(companion))  # 0 and 0.0 are one setting (cache keys)
-        if companion is not None and push * boost * COMPANION_MAIN_SHARE * companion > high:
-            raise SaealignError(f"strength {self.strength} x companion_push {companion:g} pushes the companion layer past "
-                                f"{self.method}'s largest strength ({high:g}): lower one of them")
+            if push * boost * COMPANION_MAIN_SHARE * companion > high:
+                raise SaealignError(f"strength {self.strength} x companion_push {companion:g} pushes the companion layer "
+                                    f"past {self.method}'s largest strength ({high:g}): lower one of them")
 
     @property
     def needs_topic(self) -> bool:
