@@ -7,6 +7,7 @@ belongs to the server's worker thread), so every check is an identity with the l
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -300,10 +301,16 @@ def test_streams_interleave_and_a_disconnected_stream_frees_its_slot(
 ) -> None:
     produced: list[tuple[str, int]] = []
     real_stream = served.aligner.stream
+    gated = threading.Event()  # set: the stream holds its second token until the client has left
+    left = threading.Event()
 
     def slow_stream(prompt: str, *args: Any, **kwargs: Any) -> Iterator[TokenEvent | Generation]:
         for event in real_stream(prompt, *args, **kwargs):
-            time.sleep(0.01)  # a slow model: the client has time to leave mid-stream
+            if gated.is_set() and isinstance(event, TokenEvent) and event.index >= 1:
+                left.wait(10)  # not a race: the client is gone before the stream could end on its own
+                time.sleep(0.05)
+            else:
+                time.sleep(0.01)  # a slow model: the streams interleave
             if isinstance(event, TokenEvent):
                 produced.append((prompt, event.index))
             yield event
@@ -322,12 +329,15 @@ def test_streams_interleave_and_a_disconnected_stream_frees_its_slot(
     assert any(p == "the cat" for p, _ in produced[:last_dog])  # the two streams grew side by side
 
     before = client.get("/health").json()
+    gated.set()
     with client.stream("POST", "/v1/generate", json={**body, "prompt": "a dog", "max_new_tokens": 64}) as r:
         lines = r.iter_lines()
         assert next(sse_events(lines))[0] == "message"  # one token, then the client leaves
+    left.set()
     deadline = time.monotonic() + 10
     while (now := client.get("/health").json())["streams_active"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert now["streams_active"] == 0 and now["streams_cancelled"] == before["streams_cancelled"] + 1
     assert sum(p == "a dog" for p, _ in produced) < 20 + 64  # it stopped early
+    gated.clear()
     assert read("the cat") == 20  # the next stream is served
