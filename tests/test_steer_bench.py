@@ -14,6 +14,7 @@ import saealign.cli.app as cli
 from conftest import TinyLoader, build_tiny_index, make_sae, make_texts
 from saealign.evaluate.bench_topics import BenchTopic, load_bench_topics
 from saealign.evaluate.steer_bench import BenchCondition, BenchConfig, default_conditions, run_steer_bench
+from saealign.evaluate.steer_bench_table import main_conditions
 from saealign.evaluate.topic_classifier import TopicClassifier
 from saealign.models import LoadedModel
 from saealign.reference.embed import HashingEmbedder
@@ -106,6 +107,22 @@ def test_cli_quick_writes_tables_and_the_frontier(tiny_lm: LoadedModel, sae: SAE
     assert [r["topic"] for r in saved["rows"]] == ["banking", "travel", "cooking", "cars"]
     assert (out / "steer_bench_frontier.png").read_bytes()[:8] == PNG_MAGIC
     assert "| condition | hit_rate |" in (out / "steer_bench.md").read_text()
+
+
+def test_cli_main_rows_run_the_four_rows_the_targets_read(tiny_lm: LoadedModel, sae: SAE, index,  # noqa: ANN001
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAEALIGN_CACHE", str(tmp_path / "cache"))
+    data, out = write_clinc(tmp_path / "data", per_topic=180), tmp_path / "out"
+    loader = TinyLoader(tiny_lm, sae, index, AutoStrengthConfig(n_prompts=2, max_new_tokens=4))
+    result = CliRunner().invoke(cli.main, ["eval", "steer-bench", "--rows", "main", "--groups", "clinc", "--openers", "2",
+                                           "--seeds", "3", "--max-new-tokens", "4", "--layer", "0", "--data", str(data),
+                                           "--out", str(out)], obj=loader)
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    saved = json.loads((out / "steer_bench.json").read_text())
+    assert [r["condition"] for r in saved["summary"]] == [c.label for c in main_conditions()]
+    assert [c.label for c in main_conditions()][:3] == ["none", "prompting", "prompting + default"]
+    assert {c.label: c.spec for c in main_conditions()}[main_conditions()[3].label] == Spec()  # the default itself
+    assert saved["config"]["seeds"] == [3] and saved["config"]["n_openers"] == 2
 
 
 def test_bad_input_is_one_line(tmp_path: Path) -> None:

@@ -18,12 +18,14 @@ from saealign.errors import SaealignError
 @click.option("--openers", default=16, show_default=True, help="neutral openers continued per topic")
 @click.option("--seeds", default="0,1", show_default=True)
 @click.option("--max-new-tokens", default=48, show_default=True)
+@click.option("--rows", type=click.Choice(["all", "main"]), default="all", show_default=True,
+              help="main: only none, prompting, prompting + default and the default (a quarter of the time)")
 @click.option("--quick", is_flag=True, help="one group, 4 openers, 1 seed, 16 tokens, main rows (minutes)")
 @data_option
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/steer_bench"), show_default=True)
 @friendly
-def steer_bench_cmd(layer: int, judge: str, groups: str, openers: int, seeds: str, max_new_tokens: int, quick: bool,
-                    data: Path | None, out: Path) -> None:
+def steer_bench_cmd(layer: int, judge: str, groups: str, openers: int, seeds: str, max_new_tokens: int, rows: str,
+                    quick: bool, data: Path | None, out: Path) -> None:
     """Steer 12 topics (MMLU, CLINC150, Amazon groups) with every method; hit rate by an independent classifier.
 
     Example: saealign eval steer-bench --out reports/steer_bench
@@ -31,7 +33,12 @@ def steer_bench_cmd(layer: int, judge: str, groups: str, openers: int, seeds: st
     from saealign.evaluate.bench_topics import GROUPS
     from saealign.evaluate.report import write_table
     from saealign.evaluate.steer_bench import BenchConfig
-    from saealign.evaluate.steer_bench_table import SteerBenchOptions, quick_options, steer_bench_table
+    from saealign.evaluate.steer_bench_table import (
+        SteerBenchOptions,
+        main_conditions,
+        quick_options,
+        steer_bench_table,
+    )
 
     if not 1 <= openers <= 16:
         raise SaealignError(f"--openers must be between 1 and 16 (the shipped openers), got {openers}")
@@ -42,7 +49,8 @@ def steer_bench_cmd(layer: int, judge: str, groups: str, openers: int, seeds: st
     if quick:
         opts = quick_options(layer, judge)
     else:
-        opts = SteerBenchOptions(layer, judge, chosen, config=BenchConfig(openers, parse_seeds(seeds), max_new_tokens))
+        opts = SteerBenchOptions(layer, judge, chosen, config=BenchConfig(openers, parse_seeds(seeds), max_new_tokens),
+                                 conditions=main_conditions() if rows == "main" else None)
     if chosen:
         opts = replace(opts, groups=chosen)
     md = write_table(out, steer_bench_table(bench, opts))

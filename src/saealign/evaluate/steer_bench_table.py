@@ -29,12 +29,21 @@ class SteerBenchOptions:
     """None: :func:`default_conditions` of ``default``."""
 
 
+MAIN_ROWS = ("none", "prompting", "prompting + default", "default")
+"""The rows the issue's targets read (``--rows main``): unsteered, prompting, prompting + the default, the default."""
+
+
+def main_conditions(default: GenerationSpec | None = None) -> tuple[BenchCondition, ...]:
+    """:func:`default_conditions` cut to :data:`MAIN_ROWS` (the default's row is labelled with its settings)."""
+    return tuple(c for c in default_conditions(default)
+                 if c.label in MAIN_ROWS[:3] or c.label.startswith(f"{MAIN_ROWS[3]} ("))
+
+
 def quick_options(layer: int = 15, judge: str = "gemma3-270m", default: GenerationSpec | None = None) -> SteerBenchOptions:
     """Minutes instead of an hour: one group, 4 openers, one seed, 16 tokens, the main rows only."""
     default = default or GenerationSpec()
-    conditions = tuple(c for c in default_conditions(default)
-                       if c.label in ("none", "prompting", "prompting + default") or c.label.startswith("default"))
-    return SteerBenchOptions(layer, judge, ("clinc",), 30, 40, BenchConfig(4, (0,), 16, 5, 64), default, conditions)
+    return SteerBenchOptions(layer, judge, ("clinc",), 30, 40, BenchConfig(4, (0,), 16, 5, 64), default,
+                             main_conditions(default))
 
 
 def per_topic_rows(cells: list[dict[str, Any]], conditions: list[str]) -> list[dict[str, Any]]:
