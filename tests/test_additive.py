@@ -203,7 +203,7 @@ def test_unscored_latents_neutral_or_dropped(sae: SAE) -> None:
 def test_no_strength_means_the_methods_default() -> None:
     from saealign.steering.spec import DEFAULT_STRENGTH
 
-    assert Spec().method == "add" and Spec().strength == DEFAULT_STRENGTH["add"] == 0.16
+    assert Spec().method == "add" and Spec().strength == DEFAULT_STRENGTH["add"] == 0.15
     assert Spec("swap").strength == 1.0 and Spec("weight", strength=None).strength == 1.0  # the paper's
     assert Spec("add", strength="auto").is_auto and Spec("clamp").strength == 1.0  # clamp ignores it
     assert Spec(**Spec("swap_add").to_json()) == Spec("swap_add")  # resolved once: JSON round-trips

@@ -148,7 +148,7 @@ def test_default_rows_compare_the_boosted_default_with_the_constant_push() -> No
     assert not any("output match" in c.label for c in default_conditions(Spec(output_match=False)))
     assert [c.label for c in default_conditions(Spec("add", strength=0.25, prompt_boost=1))][3:7] == [
         "default (add 0.25)", "add 0.225", "add 0.275", "add 0.25 one layer"]
-    assert {c.label: c for c in default_conditions()}["add 0.16 one layer"].spec == Spec(companion_push=0)
+    assert {c.label: c for c in default_conditions()}["add 0.15 one layer"].spec == Spec(companion_push=0)
     assert len(default_conditions(Spec(companion_push=0))) == len(default_conditions()) - 1  # no second one-layer row
-    assert {c.label for c in default_conditions(Spec(companion_push=2))} >= {"default (add 0.16 companion x2)",
-                                                                            "add 0.16 one layer"}
+    assert {c.label for c in default_conditions(Spec(companion_push=2))} >= {"default (add 0.15 companion x2)",
+                                                                            "add 0.15 one layer"}

@@ -42,7 +42,7 @@ SPEC_OPTIONS = [
     click.option("--mode", type=click.Choice(MODES), default="error", show_default=True,
                  help="error: keep the SAE's reconstruction error; replace: layer output = SAE decode (the paper)"),
     click.option("--strength", default=None,
-                 help="how hard the method steers (add: x median residual norm, default 0.16; Swap/Weight: "
+                 help="how hard the method steers (add: x median residual norm, default 0.15; Swap/Weight: "
                       "scores**strength, default 1 = the paper); auto: the strongest within the fluency budget, "
                       "searched once per topic"),
     click.option("--max-new-tokens", default=64, show_default=True),

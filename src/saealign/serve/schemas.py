@@ -87,7 +87,7 @@ class SteeringOptions(BaseModel):
     strength: float | Literal["auto"] | None = Field(
         default=None, description="how hard the method steers, within its range (add: x median residual norm; "
                                   "Swap/Weight: scores**strength, 1 = the paper); null = the method's default "
-                                  "(add 0.16, 0.35 with feedback; swap_add 0.3; Swap/Weight 1); auto = the "
+                                  "(add 0.15, 0.35 with feedback; swap_add 0.3; Swap/Weight 1); auto = the "
                                   "strongest within the fluency budget, searched once per topic")
     steer_prompt: bool = Field(default=True, description="also edit the prompt's positions")
     clamp_n: int = Field(default=5, description="clamp: latents forced on")
