@@ -184,7 +184,8 @@ def test_scatter_plot_writes_png(tmp_path: Path) -> None:
         {"ppl": 30.0, "distance": 0.7, "label": "swap"},  # no std: plain points
     ]
     path = tmp_path / "plots" / "p.png"
-    assert scatter_plot(path, rows, "ppl", "distance", "label", "title", hline=0.6, hline_label="real") is True
+    assert scatter_plot(path, rows, "ppl", "distance", "label", "title", hline=0.6, hline_label="real", vline=20.0,
+                        vline_label="bound") is True
     assert path.read_bytes()[:8] == PNG_MAGIC
 
 

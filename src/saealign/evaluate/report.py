@@ -81,13 +81,16 @@ def write_rows(out: Path, name: str, rows: Sequence[dict[str, Any]], extra: dict
 
 
 def scatter_plot(path: Path, rows: Sequence[dict[str, Any]], x: str, y: str, label: str, title: str,
-                 hline: float | None = None, hline_label: str = "") -> bool:
-    """A labelled scatter (with error bars from ``x_std``/``y_std``) as PNG; False if matplotlib is missing."""
+                 hline: float | None = None, hline_label: str = "", vline: float | None = None,
+                 vline_label: str = "") -> bool:
+    """A labelled scatter (with error bars from ``x_std``/``y_std``) as PNG, ``x`` on a log scale with plain tick
+    labels; ``hline``/``vline`` draw a reference level (a peer's score, a bound). False if matplotlib is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -97,7 +100,15 @@ def scatter_plot(path: Path, rows: Sequence[dict[str, Any]], x: str, y: str, lab
     if hline is not None:
         ax.axhline(hline, linestyle="--", color="grey")
         ax.annotate(hline_label, (ax.get_xlim()[0], hline), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    if vline is not None:
+        ax.axvline(vline, linestyle=":", color="grey")
+        ax.annotate(vline_label, (vline, ax.get_ylim()[0]), fontsize=8, rotation=90, xytext=(-10, 4),
+                    textcoords="offset points")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 0.95, not 9.5 × 10^-1
+    low, high = ax.get_xlim()
+    if high < 10 * low:  # under a decade only minor ticks are labelled: plainly too (wider, they stay unlabelled)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.set_title(title)

@@ -29,6 +29,8 @@ class SteerBenchOptions:
     """None: :func:`default_conditions` of ``default``."""
 
 
+PPL_BOUND = 1.15
+"""The judge-perplexity ratio the steering targets stay within (issue 12): drawn on the frontier."""
 MAIN_ROWS = ("none", "prompting", "prompting + default", "default")
 """The rows the issue's targets read (``--rows main``): unsteered, prompting, prompting + the default, the default."""
 
@@ -81,7 +83,7 @@ def steer_bench_table(bench: Workbench, opts: SteerBenchOptions) -> Table:
     def frontier(path: Path) -> object:
         return scatter_plot(path, summary, "ppl_ratio", "hit_rate", "condition",
                             "Topic hit rate vs judge perplexity (ratio to unsteered)", hline=prompting,
-                            hline_label="prompting")
+                            hline_label="prompting", vline=PPL_BOUND, vline_label=f"fluency bound {PPL_BOUND:g}x")
 
     return Table("steer_bench", "Steering benchmark: topic hit rate vs fluency", per_topic,
                  ["topic", "group", *labels], note=note, before=[(summary, SUMMARY_COLUMNS)],
