@@ -36,9 +36,8 @@ MAIN_ROWS = ("none", "prompting", "prompting + default", "default")
 
 
 def main_conditions(default: GenerationSpec | None = None) -> tuple[BenchCondition, ...]:
-    """:func:`default_conditions` cut to :data:`MAIN_ROWS` (the default's row is labelled with its settings)."""
-    return tuple(c for c in default_conditions(default)
-                 if c.label in MAIN_ROWS[:3] or c.label.startswith(f"{MAIN_ROWS[3]} ("))
+    """:func:`default_conditions` cut to :data:`MAIN_ROWS` (the default's row is labelled "default (<its settings>)")."""
+    return tuple(c for c in default_conditions(default) if c.label.split(" (")[0] in MAIN_ROWS)
 
 
 def quick_options(layer: int = 15, judge: str = "gemma3-270m", default: GenerationSpec | None = None) -> SteerBenchOptions:
