@@ -23,7 +23,7 @@ from saealign.cli.common import (
     workbench,
 )
 from saealign.cli.eval_paper import COMMANDS, write
-from saealign.cli.steer_bench import steer_bench_cmd
+from saealign.cli.steer_bench import steer_bench_cmd, steer_bench_pool_cmd
 from saealign.errors import SaealignError
 from saealign.evaluate.generation import BASELINES, PAPER_METHODS, TextOptions
 from saealign.evaluate.report import write_table
@@ -35,7 +35,7 @@ def eval_group() -> None:
     """Reproduce the paper's experiments on the embedded defaults (or any model/SAE)."""
 
 
-for _command in (*COMMANDS, steer_bench_cmd):
+for _command in (*COMMANDS, steer_bench_cmd, steer_bench_pool_cmd):
     eval_group.add_command(_command)
 
 

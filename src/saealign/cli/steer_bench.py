@@ -56,3 +56,20 @@ def steer_bench_cmd(layer: int, judge: str, groups: str, openers: int, seeds: st
     md = write_table(out, steer_bench_table(bench, opts))
     click.echo(md.split("\n\n| topic")[0])
     click.echo(f"wrote {out}/steer_bench.md, .json, .csv and steer_bench_frontier.png")
+
+
+@click.command("steer-bench-pool")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports/steer_bench_pooled"), show_default=True)
+@friendly
+def steer_bench_pool_cmd(runs: tuple[Path, ...], out: Path) -> None:
+    """Pool steer-bench runs made on different seeds into one measurement (hits and judge NLL summed per cell).
+
+    Example: saealign eval steer-bench-pool reports/steer_bench_run9_heldout reports/steer_bench_run10_heldout
+    """
+    from saealign.evaluate.report import write_table
+    from saealign.evaluate.steer_bench_table import pooled_table
+
+    md = write_table(out, pooled_table(list(runs)))
+    click.echo(md.split("\n\n| topic")[0])
+    click.echo(f"wrote {out}/steer_bench_pooled.md, .json, .csv and steer_bench_frontier.png")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from saealign.evaluate.bench_topics import load_bench_topics
 from saealign.evaluate.report import Table, scatter_plot
 from saealign.evaluate.steer_bench import BenchCondition, BenchConfig, default_conditions, run_steer_bench
+from saealign.evaluate.steer_bench_pool import pool_runs, read_run
 from saealign.evaluate.workbench import Workbench
 from saealign.steering.spec import GenerationSpec
 
@@ -79,12 +81,45 @@ def steer_bench_table(bench: Workbench, opts: SteerBenchOptions) -> Table:
             f"{base:.3f}, prompting {prompting:.3f}.")
     summary = [{k: r[k] for k in SUMMARY_COLUMNS} | {"hit_rate_std": r["hit_rate_seed_std"]} for r in result["rows"]]
 
-    def frontier(path: Path) -> object:
-        return scatter_plot(path, summary, "ppl_ratio", "hit_rate", "condition",
-                            "Topic hit rate vs judge perplexity (ratio to unsteered)", hline=prompting,
-                            hline_label="prompting", vline=PPL_BOUND, vline_label=f"fluency bound {PPL_BOUND:g}x")
-
     return Table("steer_bench", "Steering benchmark: topic hit rate vs fluency", per_topic,
                  ["topic", "group", *labels], note=note, before=[(summary, SUMMARY_COLUMNS)],
                  extra={k: v for k, v in result.items() if k != "rows"} | {"summary": summary},
-                 plots={"steer_bench_frontier.png": frontier})
+                 plots={"steer_bench_frontier.png": _frontier(summary, prompting)})
+
+
+def _frontier(summary: list[dict[str, Any]], prompting: float) -> Any:
+    def plot(path: Path) -> object:
+        return scatter_plot(path, summary, "ppl_ratio", "hit_rate", "condition",
+                            "Topic hit rate vs judge perplexity (ratio to unsteered)", hline=prompting,
+                            hline_label="prompting", vline=PPL_BOUND, vline_label=f"fluency bound {PPL_BOUND:g}x")
+    return plot
+
+
+POOL_COLUMNS = ["condition", "hit_rate", "hits", "continuations", "ppl_ratio", "distinct2_ratio_weighted",
+                "topics_hit_at_least_half"]
+
+
+def pooled_table(paths: list[Path]) -> Table:
+    """The rows every run in ``paths`` holds, pooled over their seeds (:mod:`saealign.evaluate.steer_bench_pool`):
+    summary, per topic hit rate / perplexity ratio, and the frontier PNG."""
+    pooled = pool_runs([read_run(p) for p in paths])
+    labels = [r["condition"] for r in pooled["rows"]]
+    cells = pooled["cells"]
+    base = {c["topic"]: c["nll"] / c["tokens"] for c in cells if c["condition"] == "none"}
+    per_topic = []
+    for topic in dict.fromkeys(c["topic"] for c in cells):
+        row: dict[str, Any] = {"topic": topic}
+        for c in cells:
+            if c["topic"] == topic:
+                ratio = math.exp(c["nll"] / c["tokens"] - base[topic])
+                row[c["condition"]] = f"{c['hit_rate']:.3f} / {ratio:.3f}"
+        per_topic.append(row)
+    prompting = next((r["hit_rate"] for r in pooled["rows"] if r["condition"] == "prompting"), float("nan"))
+    note = (f"{len(paths)} runs pooled over seeds {','.join(map(str, sorted(pooled['seeds'])))}: hits and judge "
+            "NLL summed per cell (per topic: hit rate / perplexity ratio to unsteered below); distinct2_ratio_weighted "
+            "is each run's distinct-2 ratio averaged with its continuations as weights (distinct-2 does not pool)."
+            + (f" Rows not in every run, left out: {', '.join(pooled['left_out'])}." if pooled["left_out"] else ""))
+    return Table("steer_bench_pooled", "Steering benchmark, runs pooled", per_topic, ["topic", *labels], note=note,
+                 before=[(pooled["rows"], POOL_COLUMNS)], extra={"cells": cells, "seeds": pooled["seeds"],
+                                                               "runs": [str(p) for p in paths], "summary": pooled["rows"]},
+                 plots={"steer_bench_frontier.png": _frontier(pooled["rows"], prompting)})
