@@ -28,6 +28,7 @@ SPECS = {
     "add": Spec("add", strength=1.0, greedy=True, max_new_tokens=8),
     "add with feedback": Spec("add", strength=1.0, feedback=True, greedy=True, max_new_tokens=8),
     "swap_add": Spec("swap_add", strength=0.5, greedy=True, max_new_tokens=8),
+    "diffmean": Spec("diffmean", strength=1.0, greedy=True, max_new_tokens=8),
 }
 
 

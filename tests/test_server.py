@@ -158,7 +158,7 @@ def test_one_topic_shape_in_every_route_and_every_spec_field(client: httpx.Clien
     boost = client.post("/v1/generate", json={**body, "method": "add", "prompt_boost": 40, "topic": tid})
     assert boost.status_code == 400 and "prompt_boost must be a number from 0 to 10" in boost.json()["error"]
     health = client.get("/health").json()
-    assert health["methods"] == ["none", "sae", "clamp", "swap", "weight", "add", "swap_add"]
+    assert health["methods"] == ["none", "sae", "clamp", "swap", "weight", "add", "swap_add", "diffmean"]
 
 
 def test_auto_strength_is_resolved_reported_and_shown_on_the_topic(client: httpx.Client, served: Served) -> None:

@@ -14,7 +14,7 @@ import saealign.cli.app as cli
 from conftest import TinyLoader, build_tiny_index, make_sae, make_texts
 from saealign.evaluate.bench_topics import BenchTopic, load_bench_topics
 from saealign.evaluate.steer_bench import BenchCondition, BenchConfig, default_conditions, run_steer_bench
-from saealign.evaluate.steer_bench_table import main_conditions
+from saealign.evaluate.steer_bench_table import MAIN_ROWS, main_conditions, named_conditions
 from saealign.evaluate.topic_classifier import TopicClassifier
 from saealign.models import LoadedModel
 from saealign.reference.embed import HashingEmbedder
@@ -126,7 +126,9 @@ def test_cli_main_rows_run_the_four_rows_the_targets_read(tiny_lm: LoadedModel, 
 
 
 def test_bad_input_is_one_line(tmp_path: Path) -> None:
-    for args, needle in ((["--groups", "wordnet"], "unknown --groups"), (["--openers", "40"], "--openers")):
+    for args, needle in ((["--groups", "wordnet"], "unknown --groups"), (["--openers", "40"], "--openers"),
+                         (["--rows", "none,nonsense"], "no benchmark row is called 'nonsense'"),
+                         (["--rows", " , "], "--rows is empty")):
         result = CliRunner().invoke(cli.main, ["eval", "steer-bench", *args, "--data", str(tmp_path)])
         assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
         lines = [x for x in result.output.strip().splitlines() if x.strip()]
@@ -152,3 +154,10 @@ def test_default_rows_compare_the_boosted_default_with_the_constant_push() -> No
     assert len(default_conditions(Spec(companion_push=0))) == len(default_conditions()) - 1  # no second one-layer row
     assert {c.label for c in default_conditions(Spec(companion_push=2))} >= {"default (add 0.15 companion x2)",
                                                                             "add 0.15 one layer"}
+
+
+def test_named_rows_come_in_the_benchmarks_order() -> None:
+    picked = named_conditions(["diffmean 0.15", "default", "none"])
+    assert [c.label for c in picked] == ["none", "default (add 0.15)", "diffmean 0.15"]
+    assert picked[1].spec == Spec() and picked[2].spec == Spec("diffmean")
+    assert named_conditions(list(MAIN_ROWS)) == main_conditions()

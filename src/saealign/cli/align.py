@@ -26,6 +26,7 @@ from saealign.steering.spec import (
     DEFAULT_COMPANION_PUSH,
     DEFAULT_METHOD,
     DEFAULT_PROMPT_BOOST,
+    LATENT_DIRECTIONS,
     METHODS,
     MODES,
     STRENGTH_METHODS,
@@ -42,7 +43,7 @@ SPEC_OPTIONS = [
     click.option("--mode", type=click.Choice(MODES), default="error", show_default=True,
                  help="error: keep the SAE's reconstruction error; replace: layer output = SAE decode (the paper)"),
     click.option("--strength", default=None,
-                 help="how hard the method steers (add: x median residual norm, default 0.15; Swap/Weight: "
+                 help="how hard the method steers (add, diffmean: x median residual norm, default 0.15; Swap/Weight: "
                       "scores**strength, default 1 = the paper); auto: the strongest within the fluency budget, "
                       "searched once per topic"),
     click.option("--max-new-tokens", default=64, show_default=True),
@@ -56,14 +57,14 @@ SPEC_OPTIONS = [
     click.option("--clamp-multiplier", default=10.0, show_default=True, help="clamp: forced value / max activation"),
     click.option("--unscored", type=click.Choice(UNSCORED), default="drop", show_default=True,
                  help="swap/weight: what latents the topic did not score weigh"),
-    click.option("--n-latents", default=64, show_default=True, help="additive methods: latents in the direction"),
+    click.option("--n-latents", default=64, show_default=True, help="add, swap_add: latents in the direction"),
     click.option("--output-scores/--no-output-scores", default=True, show_default=True,
-                 help="additive methods: weigh latents by their output scores too"),
+                 help="add, swap_add: weigh latents by their output scores too"),
     click.option("--contrast/--no-contrast", default=True, show_default=True,
-                 help="additive methods: weigh latents by how much more they fire on the topic texts than on "
+                 help="add, swap_add: weigh latents by how much more they fire on the topic texts than on "
                       "reference text (the corpus and the model's own unsteered text)"),
     click.option("--output-match/--no-output-match", default=True, show_default=True,
-                 help="additive methods: weigh latents by how near the words they make the model say are to the "
+                 help="add, swap_add: weigh latents by how near the words they make the model say are to the "
                       "topic texts"),
     click.option("--feedback/--no-feedback", default=False, show_default=True,
                  help="additive methods: fade the push as the generated text reads like the topic"),
@@ -240,6 +241,9 @@ def _read_scores(path: Path, texts: list[str] | None, spec: GenerationSpec) -> T
     elif spec.is_auto and spec.method in STRENGTH_METHODS:
         raise SaealignError(f"--scores {path} holds scores only, and --strength auto measures distance to the topic "
                             "texts: give --strength NUMBER, or the texts with --topic-file/--topic")
+    elif spec.method in ADDITIVE and spec.method not in LATENT_DIRECTIONS:
+        raise SaealignError(f"--scores {path} holds scores only, and {spec.method} pushes along the topic texts' mean "
+                            "residual: give the texts with --topic-file/--topic")
     elif spec.method in ADDITIVE and (spec.contrast or spec.feedback or spec.output_match):
         option = "contrast" if spec.contrast else "feedback" if spec.feedback else "output-match"
         raise SaealignError(f"--scores {path} holds scores only, and {spec.method} reads the topic texts ({option}): "

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from saealign.cli.common import data_option, friendly, parse_seeds, workbench
 from saealign.errors import SaealignError
+
+if TYPE_CHECKING:
+    from saealign.evaluate.steer_bench import BenchCondition
 
 
 @click.command("steer-bench")
@@ -18,8 +22,9 @@ from saealign.errors import SaealignError
 @click.option("--openers", default=16, show_default=True, help="neutral openers continued per topic")
 @click.option("--seeds", default="0,1", show_default=True)
 @click.option("--max-new-tokens", default=48, show_default=True)
-@click.option("--rows", type=click.Choice(["all", "main"]), default="all", show_default=True,
-              help="main: only none, prompting, prompting + default and the default (a quarter of the time)")
+@click.option("--rows", default="all", show_default=True,
+              help="all; main: only none, prompting, prompting + default and the default (a quarter of the time); "
+                   "or row names, comma-joined (e.g. 'none,default,diffmean 0.15')")
 @click.option("--quick", is_flag=True, help="one group, 4 openers, 1 seed, 16 tokens, main rows (minutes)")
 @data_option
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/steer_bench"), show_default=True)
@@ -35,7 +40,6 @@ def steer_bench_cmd(layer: int, judge: str, groups: str, openers: int, seeds: st
     from saealign.evaluate.steer_bench import BenchConfig
     from saealign.evaluate.steer_bench_table import (
         SteerBenchOptions,
-        main_conditions,
         quick_options,
         steer_bench_table,
     )
@@ -50,12 +54,24 @@ def steer_bench_cmd(layer: int, judge: str, groups: str, openers: int, seeds: st
         opts = quick_options(layer, judge)
     else:
         opts = SteerBenchOptions(layer, judge, chosen, config=BenchConfig(openers, parse_seeds(seeds), max_new_tokens),
-                                 conditions=main_conditions() if rows == "main" else None)
+                                 conditions=_rows(rows))
     if chosen:
         opts = replace(opts, groups=chosen)
     md = write_table(out, steer_bench_table(bench, opts))
     click.echo(md.split("\n\n| topic")[0])
     click.echo(f"wrote {out}/steer_bench.md, .json, .csv and steer_bench_frontier.png")
+
+
+def _rows(rows: str) -> tuple[BenchCondition, ...] | None:
+    """``--rows``: None for all of them, else the named ones (``main``: :data:`MAIN_ROWS`)."""
+    from saealign.evaluate.steer_bench_table import MAIN_ROWS, named_conditions
+
+    if rows.strip() == "all":
+        return None
+    names = MAIN_ROWS if rows.strip() == "main" else tuple(n.strip() for n in rows.split(",") if n.strip())
+    if not names:
+        raise SaealignError("--rows is empty: give all, main or row names")
+    return named_conditions(names)
 
 
 @click.command("steer-bench-pool")

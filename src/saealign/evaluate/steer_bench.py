@@ -34,7 +34,7 @@ from saealign.models import LoadedModel
 from saealign.reference.scoring import TopicScores
 from saealign.steering.aligner import Aligner
 from saealign.steering.generation import Generation
-from saealign.steering.spec import ADDITIVE, GenerationSpec
+from saealign.steering.spec import ADDITIVE, LATENT_DIRECTIONS, GenerationSpec
 
 OPENERS = Path(__file__).resolve().parent.parent / "data" / "bench_openers.txt"
 INSTRUCTION = "The following text is about {title}.\n\n"
@@ -79,8 +79,8 @@ NEIGHBOUR_STEP = 0.025
 def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondition]:
     """none, prompting, prompting + the default, the default, its neighbours (strength ± :data:`NEIGHBOUR_STEP`, the
     constant push for a boosted default, the main layer alone where the default has a companion push, auto, the
-    direction without the activation contrast and without the output match, the topic feedback), the paper's Swap, and
-    the hybrid swap_add. (The prompt boost, measured in run 5, is no longer a row: ``SteerBenchOptions.conditions`` can name it.)"""
+    direction without the activation contrast and without the output match, the topic feedback, the same push along the
+    SAE-free difference of means), the paper's Swap, and the hybrid swap_add. (The prompt boost, measured in run 5, is no longer a row: ``SteerBenchOptions.conditions`` can name it.)"""
     default = default or GenerationSpec()
     out = [BenchCondition("none", GenerationSpec(method="none")),
            BenchCondition("prompting", GenerationSpec(method="none"), prompting=True),
@@ -105,6 +105,9 @@ def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondi
         if not default.feedback:
             faded = replace(default, feedback=True, strength=None, prompt_boost=None)  # the feedback's own defaults
             out += [BenchCondition(f"{condition_name(faded)} with feedback", faded)]
+        if default.method in LATENT_DIRECTIONS:  # the same push along the SAE-free difference of means
+            control = replace(default, method="diffmean")
+            out += [BenchCondition(condition_name(control), control)]
     out += [BenchCondition("swap 1", GenerationSpec(method="swap", strength=1.0)),
             BenchCondition("swap_add 0.3", GenerationSpec(method="swap_add", strength=0.3))]
     return out

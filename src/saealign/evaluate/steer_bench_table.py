@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from saealign.errors import SaealignError
 from saealign.evaluate.bench_topics import load_bench_topics
 from saealign.evaluate.report import Table, scatter_plot
 from saealign.evaluate.steer_bench import BenchCondition, BenchConfig, default_conditions, run_steer_bench
@@ -39,7 +40,19 @@ MAIN_ROWS = ("none", "prompting", "prompting + default", "default")
 
 def main_conditions(default: GenerationSpec | None = None) -> tuple[BenchCondition, ...]:
     """:func:`default_conditions` cut to :data:`MAIN_ROWS` (the default's row is labelled "default (<its settings>)")."""
-    return tuple(c for c in default_conditions(default) if c.label.split(" (")[0] in MAIN_ROWS)
+    return named_conditions(MAIN_ROWS, default)
+
+
+def named_conditions(names: tuple[str, ...] | list[str], default: GenerationSpec | None = None) -> tuple[BenchCondition, ...]:
+    """The rows of :func:`default_conditions` whose label, before any " (settings)", is one of ``names``, in the
+    benchmark's order; one error line naming the rows there are for a name that is none of them."""
+    rows = default_conditions(default)
+    short = [c.label.split(" (")[0] for c in rows]
+    unknown = [n for n in names if n not in short]
+    if unknown:
+        raise SaealignError(f"no benchmark row is called {', '.join(map(repr, unknown))}: the rows are "
+                            + ", ".join(map(repr, short)))
+    return tuple(c for c, name in zip(rows, short, strict=True) if name in names)
 
 
 def quick_options(layer: int = 15, judge: str = "gemma3-270m", default: GenerationSpec | None = None) -> SteerBenchOptions:

@@ -87,18 +87,18 @@ class SteeringOptions(BaseModel):
     strength: float | Literal["auto"] | None = Field(
         default=None, description="how hard the method steers, within its range (add: x median residual norm; "
                                   "Swap/Weight: scores**strength, 1 = the paper); null = the method's default "
-                                  "(add 0.15, 0.35 with feedback; swap_add 0.3; Swap/Weight 1); auto = the "
+                                  "(add and diffmean 0.15, add 0.35 with feedback; swap_add 0.3; Swap/Weight 1); auto = the "
                                   "strongest within the fluency budget, searched once per topic")
     steer_prompt: bool = Field(default=True, description="also edit the prompt's positions")
     clamp_n: int = Field(default=5, description="clamp: latents forced on")
     clamp_multiplier: float = Field(default=10.0, description="clamp: forced value as a multiple of the max activation")
     unscored: Unscored = Field(default="drop", description="swap/weight: what latents the topic did not score weigh")
-    n_latents: int = Field(default=64, description="additive methods: latents in the topic direction")
-    output_scores: bool = Field(default=True, description="additive methods: weigh latents by their output scores too")
-    contrast: bool = Field(default=True, description="additive methods: weigh latents by how much more they fire on "
+    n_latents: int = Field(default=64, description="add, swap_add: latents in the topic direction")
+    output_scores: bool = Field(default=True, description="add, swap_add: weigh latents by their output scores too")
+    contrast: bool = Field(default=True, description="add, swap_add: weigh latents by how much more they fire on "
                                                      "the topic texts than on reference text (the corpus and the "
                                                      "model's own unsteered text)")
-    output_match: bool = Field(default=True, description="additive methods: weigh latents by how near the words "
+    output_match: bool = Field(default=True, description="add, swap_add: weigh latents by how near the words "
                                                          "they make the model say are to the topic texts")
     feedback: bool = Field(default=False, description="additive methods: fade the push as the generated text reads "
                                                      "like the topic")

@@ -51,8 +51,16 @@ from saealign.steering.descriptions import (
 from saealign.steering.directions import DEFAULT_TEXT, SteeringBasis, load_or_measure_basis
 from saealign.steering.generation import Generation, RowRecord, TokenEvent
 from saealign.steering.hook import SteeringHook
+from saealign.steering.mean_shift import load_or_measure_own_mean, mean_shift, residual_mean
 from saealign.steering.plan import Plan, TopicArg
-from saealign.steering.spec import ADDITIVE, COMPANION_MAIN_SHARE, DEFAULT_COMPANION_PUSH, GenerationSpec
+from saealign.steering.spec import (
+    ADDITIVE,
+    COMPANION_MAIN_SHARE,
+    DEFAULT_COMPANION_PUSH,
+    LATENT_DIRECTIONS,
+    PUSH_ONLY,
+    GenerationSpec,
+)
 from saealign.steering.strength import AutoStrengthConfig, NeutralProbe, StrengthChoice, neutral_prompts
 
 __all__ = ["Aligner", "Companion", "CompanionArg", "Generation", "TokenEvent", "TopicArg"]
@@ -101,6 +109,11 @@ class Aligner:
         self._descriptions: LatentDescriptions | None = None
         self._description_embeddings: np.ndarray | None = None
         self._matches: dict[tuple[str, ...], np.ndarray] = {}
+        self._shifts: dict[tuple[str, ...], torch.Tensor] = {}
+        self._own_mean: np.ndarray | None = None
+        self._own_texts: list[str] | None = None
+        self._texts_owner: Aligner | None = None
+        """Set on a companion: the main aligner, whose (the same model's) own text it reads rather than sample it again."""
         self.special_ids = special_token_ids(lm.tokenizer)
         """Token ids whose positions are never edited (see :func:`saealign.steering.decoding.decode_steps`)."""
         self.sae_key = sae_key(sae)
@@ -126,7 +139,9 @@ class Aligner:
                                                                                      and 0 < weight <= 1):
             raise SaealignError(f"a companion's weight must lie in (0, 1], got {weight!r}: scale every companion with "
                                 "companion_push instead")
-        return Companion(Aligner(self.lm, sae, layer, None, self.embedder), float(weight))
+        side = Aligner(self.lm, sae, layer, None, self.embedder)
+        side._texts_owner = self
+        return Companion(side, float(weight))
 
     @property
     def companion_spec(self) -> list[CompanionArg]:
@@ -267,6 +282,22 @@ class Aligner:
             self._matches[key] = output_match(self._description_embeddings, self.embedder.embed(list(key)))
         return self._matches[key]
 
+    def mean_shift(self, topic: TopicScores) -> torch.Tensor:
+        """``[d_model]`` the unit direction ``diffmean`` pushes ``topic`` along at this aligner's layer: its texts' mean
+        residual minus the model's own text's (:mod:`saealign.steering.mean_shift`; remembered per topic texts)."""
+        if not topic.topic_texts:
+            raise SaealignError("these topic scores hold no topic texts, and diffmean pushes along their mean residual: "
+                                "re-score the topic from its texts, or steer with add")
+        key = tuple(topic.topic_texts)
+        if key not in self._shifts:
+            if self._own_mean is None:
+                self._own_mean = load_or_measure_own_mean(self.lm, self.layer, neutral_prompts(16), DEFAULT_TEXT,
+                                                          self.default_texts)
+            if len(self._shifts) >= 256:  # a server sees many topics: keep the memory bounded
+                self._shifts.pop(next(iter(self._shifts)))
+            self._shifts[key] = mean_shift(residual_mean(self.lm, self.layer, list(key)), self._own_mean)
+        return self._shifts[key]
+
     def resolve(self, spec: GenerationSpec) -> GenerationSpec:
         """``spec`` with ``companion_push`` resolved for this aligner (None: the default where it has companion
         layers, else 0); one error line if it asks for companions this aligner lacks."""
@@ -305,7 +336,7 @@ class Aligner:
         push = spec.companion_push or 0.0
         if spec.method not in ADDITIVE or push == 0 or not topics:
             return ()
-        side_spec = replace(spec, method="add")  # a companion only pushes: no Swap there
+        side_spec = replace(spec, method=spec.method if spec.method in PUSH_ONLY else "add")  # a companion only pushes
         hooks = []
         for c in self.companions:
             hook = c.aligner._hook(side_spec, [self.companion_topic(t, c.aligner) for t in topics], per_row,
@@ -322,18 +353,26 @@ class Aligner:
         additive = spec.method in ADDITIVE and bool(topics)
         basis = self.steering_basis() if additive else None
         reference = self.reference_mean() if additive and spec.feedback else None
-        matches = ({i: self.output_match(topics[i]) for i in sorted({j for j in per_row if j is not None})}
-                   if additive and spec.output_match else None)
-        return planning.make_hook(self.sae, spec, topics, per_row, strengths, max_act, basis, reference, matches)
+        used = sorted({j for j in per_row if j is not None})
+        latents = additive and spec.method in LATENT_DIRECTIONS
+        matches = {i: self.output_match(topics[i]) for i in used} if latents and spec.output_match else None
+        shifts = {i: self.mean_shift(topics[i]) for i in used} if additive and not latents else None
+        return planning.make_hook(self.sae, spec, topics, per_row, strengths, max_act, basis, reference, matches,
+                                  shifts)
 
     def default_texts(self) -> list[str]:
         """The model's own unsteered text: every neutral prompt continued with each of :data:`DEFAULT_TEXT`'s seeds
-        (prompt + continuation), what :attr:`SteeringBasis.default_mean` is measured on."""
-        prompts = neutral_prompts(16)
-        spec = GenerationSpec("none", max_new_tokens=DEFAULT_TEXT["max_new_tokens"], top_k=DEFAULT_TEXT["top_k"])
-        seeds = [s for s in range(DEFAULT_TEXT["seeds"]) for _ in prompts]
-        gens = self.generate(prompts * DEFAULT_TEXT["seeds"], None, spec, seed=seeds)
-        return [p + g.text for p, g in zip(prompts * DEFAULT_TEXT["seeds"], gens, strict=True)]
+        (prompt + continuation), what :attr:`SteeringBasis.default_mean` is measured on. Sampled once per model (the
+        seeds fix it), shared with the companion layers."""
+        if self._texts_owner is not None:
+            return self._texts_owner.default_texts()
+        if self._own_texts is None:
+            prompts = neutral_prompts(16)
+            spec = GenerationSpec("none", max_new_tokens=DEFAULT_TEXT["max_new_tokens"], top_k=DEFAULT_TEXT["top_k"])
+            seeds = [s for s in range(DEFAULT_TEXT["seeds"]) for _ in prompts]
+            gens = self.generate(prompts * DEFAULT_TEXT["seeds"], None, spec, seed=seeds)
+            self._own_texts = [p + g.text for p, g in zip(prompts * DEFAULT_TEXT["seeds"], gens, strict=True)]
+        return list(self._own_texts)
 
     def eos_ids(self) -> set[int]:
         """Token ids that end a row (see :func:`saealign.steering.plan.eos_ids`)."""
@@ -352,7 +391,7 @@ class Aligner:
                             for i, p in enumerate(prompts)), strict=True)
         topics, per_row = planning.resolve_topics(topic, topic_per_row, len(prompts), self.topic, self.sae_key,
                                                   self.sae.d_sae)
-        if spec.method in ADDITIVE and (spec.contrast or spec.feedback):
+        if (spec.method in LATENT_DIRECTIONS and spec.contrast) or (spec.method in ADDITIVE and spec.feedback):
             topics = [self.with_contrast(t) for t in topics]
         if spec.needs_topic and not topics:
             raise SaealignError(f"method {spec.method!r} needs a topic: pass topic= (scores or topic texts)")

@@ -13,7 +13,8 @@ Methods (``γ = sae.pre(x)``, ``a = σ(γ)``, ``s`` the topic scores, ``w = s **
 - ``weight``: ``a' = σ(γ ⊙ w)`` (appendix A.4);
 - ``add``: the layer output is ``x + v`` with ``v`` a topic direction already scaled
   (:mod:`saealign.steering.directions`); a' = σ(pre(x + v)), what the steered residual reads as;
-- ``swap_add``: Swap's edit, then ``+ v``; a' = σ(pre(out)) likewise.
+- ``swap_add``: Swap's edit, then ``+ v``; a' = σ(pre(out)) likewise;
+- ``diffmean``: as ``add``, with ``v`` the difference of mean residuals instead (:mod:`saealign.steering.mean_shift`).
 
 Output modes: ``replace`` (the paper) writes ``dec(a')`` into the residual stream; ``error`` writes
 ``x + dec(a') − dec(a)``, keeping the SAE's reconstruction error, so an unedited SAE is the identity.
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from saealign.errors import SaealignError
 from saealign.sae.autoencoder import SAE
-from saealign.steering.spec import ADDITIVE, METHODS, MODES, STRENGTH_RANGE
+from saealign.steering.spec import ADDITIVE, METHODS, MODES, PUSH_ONLY, STRENGTH_RANGE
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ def apply_edit(
         a = sae.activate(gamma)
         if steering.method in ADDITIVE and direction is None:
             raise SaealignError(f"{steering.method} needs a topic direction (saealign.steering.directions)")
-        if steering.method in ("none", "sae", "add"):
+        if steering.method in ("none", "sae", *PUSH_ONLY):
             a_edit = a
         elif steering.method == "clamp":
             if max_act is None:
@@ -221,7 +222,7 @@ def apply_edit(
             out = x
         elif steering.mode == "replace" and steering.method not in ADDITIVE:
             out = sae.decode(a_edit, x).to(x.dtype)
-        elif steering.method == "add":
+        elif steering.method in PUSH_ONLY:
             out = x
         else:
             out = x + _decoded_change(sae, x, a_edit, a).to(x.dtype)

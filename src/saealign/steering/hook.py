@@ -18,7 +18,7 @@ from saealign.errors import SaealignError
 from saealign.sae.autoencoder import SAE
 from saealign.steering.edits import Steering, apply_edit, rowwise
 from saealign.steering.feedback import TopicFeedback
-from saealign.steering.spec import ADDITIVE
+from saealign.steering.spec import ADDITIVE, PUSH_ONLY
 
 
 def _with_hidden(output: object, hidden: Tensor) -> object:
@@ -109,7 +109,7 @@ class SteeringHook:
             rows = direction.expand(hidden.shape[0], -1) if direction.dim() == 1 else direction
             keep = None if self.keep is None else self.keep.to(hidden.device)
             direction = rows * self.feedback.scale(acts, keep).to(rows.device, rows.dtype)
-        if self.steering.method == "add" and not self.record and direction is not None:
+        if self.steering.method in PUSH_ONLY and not self.record and direction is not None:
             # a push that measures nothing (a companion layer): x + v, the SAE never runs (apply_edit's arithmetic)
             pushed = hidden + rowwise(direction.to(hidden.device), hidden).to(hidden.dtype)
             return _with_hidden(output, self._kept(hidden, pushed))

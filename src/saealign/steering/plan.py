@@ -23,7 +23,13 @@ from saealign.steering.directions import SteeringBasis, topic_direction
 from saealign.steering.edits import Steering
 from saealign.steering.feedback import TopicFeedback
 from saealign.steering.hook import SteeringHook
-from saealign.steering.spec import ADDITIVE, STRENGTH_METHODS, GenerationSpec, parse_strength
+from saealign.steering.spec import (
+    ADDITIVE,
+    LATENT_DIRECTIONS,
+    STRENGTH_METHODS,
+    GenerationSpec,
+    parse_strength,
+)
 
 TopicArg = TopicScores | Sequence[TopicScores] | Sequence[str] | str | None
 """A topic argument: scores, several scores (with ``topic_per_row``), topic texts, or None."""
@@ -78,17 +84,26 @@ def steering(spec: GenerationSpec, strength: float) -> Steering:
 
 
 def directions_for(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
-                   strengths: list[float], basis: SteeringBasis, matches: dict[int, np.ndarray] | None = None) -> Tensor:
+                   strengths: list[float], basis: SteeringBasis, matches: dict[int, np.ndarray] | None = None,
+                   shifts: dict[int, Tensor] | None = None) -> Tensor:
     """``[batch, d_in]`` what the additive methods add to each row: strength × ρ × the row's topic direction.
 
-    ``matches`` holds each topic's output match (by topic index) when ``spec.output_match`` is on."""
-    out = torch.as_tensor(basis.output_scores) if spec.output_scores else None
-    if spec.output_match and matches is None:
-        raise SaealignError("output_match needs each topic's output match: steer through Aligner.generate, or with "
-                            "output_match=False")
-    unit = {i: topic_direction(sae, topics[i].as_tensor(unscored="drop"), spec.n_latents, out, _contrast(topics[i], spec),
-                               torch.as_tensor(matches[i]) if spec.output_match and matches is not None else None)
-            for i in sorted({j for j in per_row if j is not None})}
+    ``matches`` holds each topic's output match (by topic index) when ``spec.output_match`` is on; ``shifts`` each
+    topic's unit mean shift (:mod:`saealign.steering.mean_shift`) for ``diffmean``, whose direction it is."""
+    used = sorted({j for j in per_row if j is not None})
+    if spec.method not in LATENT_DIRECTIONS:
+        if shifts is None or any(i not in shifts for i in used):
+            raise SaealignError(f"{spec.method} needs each topic's mean shift: steer through Aligner.generate")
+        unit = {i: shifts[i].float().cpu() for i in used}
+    else:
+        out = torch.as_tensor(basis.output_scores) if spec.output_scores else None
+        if spec.output_match and matches is None:
+            raise SaealignError("output_match needs each topic's output match: steer through Aligner.generate, or "
+                                "with output_match=False")
+        unit = {i: topic_direction(sae, topics[i].as_tensor(unscored="drop"), spec.n_latents, out,
+                                   _contrast(topics[i], spec),
+                                   torch.as_tensor(matches[i]) if spec.output_match and matches is not None else None)
+                for i in used}
     rows = [unit[t] * (s * basis.residual_norm) if t is not None else torch.zeros(sae.d_in)
             for t, s in zip(per_row, strengths, strict=True)]
     return torch.stack(rows).to(sae.W_enc.device)
@@ -196,11 +211,12 @@ def resolve_topics(
 def make_hook(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
               strengths: list[float], max_act: Tensor | None,
               basis: SteeringBasis | None = None, reference: np.ndarray | None = None,
-              matches: dict[int, np.ndarray] | None = None) -> SteeringHook | None:
+              matches: dict[int, np.ndarray] | None = None,
+              shifts: dict[int, Tensor] | None = None) -> SteeringHook | None:
     """The hook that steers (and measures) the batch; None when nothing is edited or measured.
 
     ``reference`` (the contrast's reference mean) is needed by the topic feedback (``spec.feedback``), ``matches``
-    (each topic's output match) by ``spec.output_match``."""
+    (each topic's output match) by ``spec.output_match``, ``shifts`` (each topic's mean shift) by ``diffmean``."""
     device = sae.W_enc.device
     if not topics:
         if spec.method == "sae":  # nothing to measure without a topic, but the SAE still edits
@@ -212,7 +228,7 @@ def make_hook(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], per_row
     if spec.method in ADDITIVE:
         if basis is None:
             raise SaealignError(f"{spec.method} needs the steering basis of this model and SAE (output scores)")
-        direction = directions_for(sae, spec, topics, per_row, strengths, basis, matches)
+        direction = directions_for(sae, spec, topics, per_row, strengths, basis, matches, shifts)
         if scores.dim() == 1:
             scores = scores.expand(len(per_row), -1).contiguous()
         return SteeringHook(sae, steering(spec, 1.0), scores, max_act, direction=direction,

@@ -13,16 +13,22 @@ from typing import Any
 
 from saealign.errors import SaealignError
 
-METHODS = ("none", "sae", "clamp", "swap", "weight", "add", "swap_add")
+METHODS = ("none", "sae", "clamp", "swap", "weight", "add", "swap_add", "diffmean")
 """``none`` (no edit), ``sae`` (the SAE alone), the paper's ``clamp``/``swap``/``weight``, and the additive
-methods: ``add`` (topic direction built from the decoder rows of the best latents) and ``swap_add``
-(Swap's re-ranking plus that direction). See :mod:`saealign.steering.edits`."""
-ADDITIVE = ("add", "swap_add")
-"""Methods that push along a topic direction (and read ``n_latents``, ``output_scores``, ``contrast``,
-``output_match``, ``feedback``, ``prompt_boost``)."""
-TOPIC_METHODS = ("clamp", "swap", "weight", "add", "swap_add")
+methods: ``add`` (topic direction built from the decoder rows of the best latents), ``swap_add``
+(Swap's re-ranking plus that direction) and the SAE-free control ``diffmean`` (the difference of mean residuals,
+topic texts minus the model's own text, :mod:`saealign.steering.mean_shift`). See :mod:`saealign.steering.edits`."""
+ADDITIVE = ("add", "swap_add", "diffmean")
+"""Methods that push along a topic direction (and read ``feedback``, ``prompt_boost``, ``companion_push``; those
+built from SAE latents, :data:`LATENT_DIRECTIONS`, also ``n_latents``, ``output_scores``, ``contrast``,
+``output_match``)."""
+LATENT_DIRECTIONS = ("add", "swap_add")
+"""Additive methods whose direction is built from the decoder rows of the topic's best latents."""
+PUSH_ONLY = ("add", "diffmean")
+"""Additive methods that leave the latents alone and only push (``swap_add`` also re-ranks them)."""
+TOPIC_METHODS = ("clamp", "swap", "weight", "add", "swap_add", "diffmean")
 """Methods that need a topic."""
-STRENGTH_METHODS = ("swap", "weight", "add", "swap_add")
+STRENGTH_METHODS = ("swap", "weight", "add", "swap_add", "diffmean")
 """Methods that read ``strength`` (the others ignore it) and that ``strength="auto"`` can search."""
 MODES = ("error", "replace")
 """``error``: x + dec(a') − dec(a) (an unedited SAE is the identity); ``replace``: dec(a') (the paper)."""
@@ -34,14 +40,15 @@ AUTO = "auto"
 DEFAULT_METHOD = "add"
 """What a request with a topic and no method gets: chosen by ``saealign eval steer-bench`` (docs/results.md)."""
 
-DEFAULT_STRENGTH: dict[str, float] = {"swap": 1.0, "weight": 1.0, "add": 0.15, "swap_add": 0.3}
+DEFAULT_STRENGTH: dict[str, float] = {"swap": 1.0, "weight": 1.0, "add": 0.15, "swap_add": 0.3, "diffmean": 0.15}
 """What ``strength=None`` (a request that names none) means per method. Swap and Weight: the paper's 1. The
 additive methods: 0.15 (add, with the output match and the default stack's two companion layers) and 0.3 (swap_add)
 × the median residual norm, chosen by ``saealign eval steer-bench`` (docs/results.md, run 9): the strongest push whose
 judge perplexity stays within 1.13x (0.02 under the 1.15x bound, for seed noise) and distinct-2 within 0.9x of the
 unsteered text's over the benchmark's 12 topics on 12 seeds, one global number (no per-topic tuning); ``"auto"``
 searches a strength per topic instead. With companion layers on (:attr:`GenerationSpec.companion_push`) the number is
-shared between the layers (:data:`COMPANION_MAIN_SHARE`): 0.1 at block 15, 0.133 at block 6 and 0.08 at block 10."""
+shared between the layers (:data:`COMPANION_MAIN_SHARE`): 0.1 at block 15, 0.133 at block 6 and 0.08 at block 10.
+``diffmean`` takes add's 0.15, so the two compare at the same push."""
 FEEDBACK_STRENGTH: dict[str, float] = {**DEFAULT_STRENGTH, "add": 0.35}
 """The same with ``feedback=True``: the push is full only while the text is off topic, so add's is higher."""
 
@@ -69,6 +76,7 @@ STRENGTH_RANGE: dict[str, tuple[float, float]] = {
     "weight": (0.0, 8.0),
     "add": (0.0, 2.0),
     "swap_add": (0.0, 2.0),
+    "diffmean": (0.0, 2.0),
 }
 """The strengths each method can use. Swap/Weight weigh latents by ``score ** strength``: past 8 every
 weight but the top few underflows and the edit is the same as at 8. The additive methods add

@@ -74,6 +74,7 @@ CANDIDATES: dict[str, tuple[float, ...]] = {
     "weight": (0.25, 0.5, 1.0, 2.0, 3.0),
     "add": (0.15, 0.3, 0.45, 0.6),
     "swap_add": (0.15, 0.3, 0.45, 0.6),
+    "diffmean": (0.15, 0.3, 0.45, 0.6),
 }
 """The strengths tried per method, inside :data:`saealign.steering.spec.STRENGTH_RANGE`."""
 
