@@ -91,7 +91,7 @@ def steer_bench_table(bench: Workbench, opts: SteerBenchOptions) -> Table:
             + ", ".join(f"{g} {a:.2f}" for g, a in result["classifier"].items())
             + f"); ppl_ratio: {opts.judge} perplexity of the continuation given the opener, over unsteered "
             f"(geometric mean over topics); distinct2_ratio: distinct bigrams over unsteered. Unsteered hit rate "
-            f"{base:.3f}, prompting {prompting:.3f}.")
+            f"{base:.3f}" + ("" if math.isnan(prompting) else f", prompting {prompting:.3f}") + ".")
     summary = [{k: r[k] for k in SUMMARY_COLUMNS} | {"hit_rate_std": r["hit_rate_seed_std"]} for r in result["rows"]]
 
     return Table("steer_bench", "Steering benchmark: topic hit rate vs fluency", per_topic,
