@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import saealign.cli.app as cli
 from saealign.errors import SaealignError
 from saealign.evaluate.steer_bench import Cell, summarise
-from saealign.evaluate.steer_bench_pool import pool_runs
+from saealign.evaluate.steer_bench_pool import join_runs, pool_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SPEC = {"method": "add", "strength": 0.15}
@@ -115,3 +115,47 @@ def test_cli_bad_run_is_one_line(tmp_path: Path) -> None:
         result = CliRunner().invoke(cli.main, ["eval", "steer-bench-pool", str(path), "--out", str(tmp_path / "o")])
         lines = [x for x in result.output.strip().splitlines() if x.strip()]
         assert result.exit_code != 0 and len(lines) == 1 and needle in lines[0], result.output
+
+
+def _split(whole: dict[str, Any], rows: list[str]) -> dict[str, Any]:
+    """The part of ``whole`` holding ``rows``: a run of the same seeds that measured only those."""
+    return {"cells": [c for c in whole["cells"] if c["condition"] in rows], "config": whole["config"],
+            "conditions": [c for c in whole["conditions"] if c["label"] in rows]}
+
+
+def test_runs_on_the_same_seeds_join_to_the_run_that_held_every_row() -> None:
+    whole = run([0, 1], 1.0)
+    whole["conditions"].append({"label": "add 2", "spec": {"method": "add", "strength": 2.0}})
+    whole["cells"] += [cell("add 2", t, [1.0, 1.0], 300.0, 90, 0.5) for t in ("a", "b")]
+    joined = join_runs([_split(whole, ["none", "add"]), _split(whole, ["none", "add 2"])])
+    assert [c["label"] for c in joined["conditions"]] == ["none", "add", "add 2"]
+    assert pool_runs([joined])["rows"] == pool_runs([whole])["rows"]
+
+
+def test_runs_that_did_not_measure_the_same_thing_do_not_join() -> None:
+    first, second = run([0, 1], 1.0), run([0, 1], 1.0)
+    second["cells"][0]["nll"] += 1.0  # the shared unsteered row differs: another measurement
+    with pytest.raises(SaealignError, match="'none' on 'a' differs between the runs"):
+        join_runs([first, second])
+    with pytest.raises(SaealignError, match="differ in seeds"):
+        join_runs([run([0, 1], 1.0), run([0, 2], 1.0)])
+    other = run([0, 1], 1.0)
+    other["conditions"][1]["spec"] = {"method": "add", "strength": 0.3}
+    with pytest.raises(SaealignError, match="steer 'add' with different settings"):
+        join_runs([run([0, 1], 1.0), other])
+
+
+def test_cli_join_writes_the_rows_side_by_side(tmp_path: Path) -> None:
+    whole = run([4], 1.0)
+    for name, rows in (("r1", ["none"]), ("r2", ["none", "add"])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "steer_bench.json").write_text(json.dumps(_split(whole, rows)))
+    out = tmp_path / "joined"
+    args = ["eval", "steer-bench-pool", "--join", str(tmp_path / "r1"), str(tmp_path / "r2"), "--out", str(out)]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "steer_bench_pooled.json").read_text())
+    assert [r["condition"] for r in saved["summary"]] == ["none", "add"] and saved["seeds"] == [4]
+    refused = CliRunner().invoke(cli.main, ["eval", "steer-bench-pool", str(tmp_path / "r1"), str(tmp_path / "r2"),
+                                            "--out", str(out)])  # without --join: seed 4 would count twice
+    assert refused.exit_code != 0 and "appear in more than one run" in refused.output

@@ -76,16 +76,19 @@ def _rows(rows: str) -> tuple[BenchCondition, ...] | None:
 
 @click.command("steer-bench-pool")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--join", is_flag=True, help="runs on the same seeds: put their rows side by side (rows they share "
+                                           "must match cell for cell) instead of pooling seeds")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/steer_bench_pooled"), show_default=True)
 @friendly
-def steer_bench_pool_cmd(runs: tuple[Path, ...], out: Path) -> None:
-    """Pool steer-bench runs made on different seeds into one measurement (hits and judge NLL summed per cell).
+def steer_bench_pool_cmd(runs: tuple[Path, ...], join: bool, out: Path) -> None:
+    """Pool steer-bench runs made on different seeds into one measurement (hits and judge NLL summed per cell), or
+    with --join put the rows of runs on the same seeds side by side.
 
     Example: saealign eval steer-bench-pool reports/steer_bench_run9_heldout reports/steer_bench_run10_heldout
     """
     from saealign.evaluate.report import write_table
     from saealign.evaluate.steer_bench_table import pooled_table
 
-    md = write_table(out, pooled_table(list(runs)))
+    md = write_table(out, pooled_table(list(runs), join))
     click.echo(md.split("\n\n| topic")[0])
     click.echo(f"wrote {out}/steer_bench_pooled.md, .json, .csv and steer_bench_frontier.png")

@@ -13,6 +13,9 @@ with the same settings. Pooling then adds what a single run on all the seeds wou
 Distinct-2 does not pool: it counts distinct bigrams over all of a cell's continuations together, so it falls as a
 cell grows. The pooled figure is each run's distinct-2 ratio to its own unsteered row, averaged with the runs'
 continuations as weights (the ratio a run of the runs' size reads), and is labelled so.
+
+Runs on the *same* seeds join instead (:func:`join_runs`): their rows are put side by side, as if one run had held
+them all, after checking that every row two runs share is the same measurement cell for cell.
 """
 
 from __future__ import annotations
@@ -73,6 +76,34 @@ def pool_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     cells = [_pool_cell(runs, label, topic) for label in labels
              for topic in dict.fromkeys(c["topic"] for c in runs[0]["cells"] if c["condition"] == label)]
     return {"rows": _summary(cells, labels), "cells": cells, "seeds": seeds, "left_out": left_out}
+
+
+def join_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run holding the rows of ``runs``, which were made on the same seeds, openers, tokens and topics; a row
+    that several runs hold must match cell for cell (hits per seed, judge NLL and tokens), or one error line says
+    the runs did not measure the same thing."""
+    if not runs:
+        raise SaealignError("nothing to join: give at least one steer-bench run")
+    for key in (*MATCHED_CONFIG, "seeds"):
+        values = {json.dumps(run["config"].get(key)) for run in runs}
+        if len(values) > 1:
+            raise SaealignError(f"the runs differ in {key} ({', '.join(sorted(values))}): only runs on the same seeds "
+                                "join (pool runs on different seeds instead)")
+    if len({frozenset(c["topic"] for c in run["cells"]) for run in runs}) > 1:
+        raise SaealignError("the runs cover different topics: only like runs join")
+    conditions: dict[str, dict[str, Any]] = {}
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
+    for run in runs:
+        for cond in run["conditions"]:
+            if conditions.setdefault(cond["label"], cond) != cond:
+                raise SaealignError(f"the runs steer {cond['label']!r} with different settings: they cannot join")
+        for cell in run["cells"]:
+            where = (cell["condition"], cell["topic"])
+            seen = cells.setdefault(where, cell)
+            if any(seen[k] != cell[k] for k in ("hit_rate_per_seed", "nll", "tokens")):
+                raise SaealignError(f"row {where[0]!r} on {where[1]!r} differs between the runs: not the same measurement, "
+                                    "so they cannot join")
+    return {"cells": list(cells.values()), "config": runs[0]["config"], "conditions": list(conditions.values())}
 
 
 def _continuations(run: dict[str, Any]) -> int:

@@ -11,7 +11,7 @@ from saealign.errors import SaealignError
 from saealign.evaluate.bench_topics import load_bench_topics
 from saealign.evaluate.report import Table, scatter_plot
 from saealign.evaluate.steer_bench import BenchCondition, BenchConfig, default_conditions, run_steer_bench
-from saealign.evaluate.steer_bench_pool import pool_runs, read_run
+from saealign.evaluate.steer_bench_pool import join_runs, pool_runs, read_run
 from saealign.evaluate.workbench import Workbench
 from saealign.steering.spec import GenerationSpec
 
@@ -112,10 +112,12 @@ POOL_COLUMNS = ["condition", "hit_rate", "hits", "continuations", "ppl_ratio", "
                 "topics_hit_at_least_half"]
 
 
-def pooled_table(paths: list[Path]) -> Table:
-    """The rows every run in ``paths`` holds, pooled over their seeds (:mod:`saealign.evaluate.steer_bench_pool`):
-    summary, per topic hit rate / perplexity ratio, and the frontier PNG."""
-    pooled = pool_runs([read_run(p) for p in paths])
+def pooled_table(paths: list[Path], join: bool = False) -> Table:
+    """The rows every run in ``paths`` holds, pooled over their seeds (:mod:`saealign.evaluate.steer_bench_pool`), or
+    with ``join`` every row of runs made on the same seeds side by side: summary, per topic hit rate / perplexity
+    ratio, and the frontier PNG."""
+    runs = [read_run(p) for p in paths]
+    pooled = pool_runs([join_runs(runs)] if join else runs)
     labels = [r["condition"] for r in pooled["rows"]]
     cells = pooled["cells"]
     base = {c["topic"]: c["nll"] / c["tokens"] for c in cells if c["condition"] == "none"}
@@ -128,7 +130,8 @@ def pooled_table(paths: list[Path]) -> Table:
                 row[c["condition"]] = f"{c['hit_rate']:.3f} / {ratio:.3f}"
         per_topic.append(row)
     prompting = next((r["hit_rate"] for r in pooled["rows"] if r["condition"] == "prompting"), float("nan"))
-    note = (f"{len(paths)} runs pooled over seeds {','.join(map(str, sorted(pooled['seeds'])))}: hits and judge "
+    how = "joined (the same seeds, rows side by side)" if join else "pooled"
+    note = (f"{len(paths)} runs {how} over seeds {','.join(map(str, sorted(pooled['seeds'])))}: hits and judge "
             "NLL summed per cell (per topic: hit rate / perplexity ratio to unsteered below); distinct2_ratio_weighted "
             "is each run's distinct-2 ratio averaged with its continuations as weights (distinct-2 does not pool)."
             + (f" Rows not in every run, left out: {', '.join(pooled['left_out'])}." if pooled["left_out"] else ""))
