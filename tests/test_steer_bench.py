@@ -91,6 +91,11 @@ def test_bench_identities_on_a_tiny_stack(tiny_lm: LoadedModel, sae: SAE, index,
     for c in result["cells"]:
         assert 0 <= c["hit_rate"] <= 1 and len(c["hit_rate_per_seed"]) == 2 and c["tokens"] > 0
     assert rows["add 1"]["strength"] == 1.0
+    for row in rows.values():  # every cell kept its per-continuation NLLs: each row has its ratio's interval
+        assert 0 < row["ppl_ratio_low"] <= row["ppl_ratio_high"]
+    for c in result["cells"]:
+        assert len(c["nll_per_text"]) == len(c["tokens_per_text"]) == 6 and sum(c["tokens_per_text"]) == c["tokens"]
+        assert sum(c["nll_per_text"]) == pytest.approx(c["nll"])
 
 
 def test_cli_quick_writes_tables_and_the_frontier(tiny_lm: LoadedModel, sae: SAE, index, tmp_path: Path,  # noqa: ANN001
@@ -106,7 +111,8 @@ def test_cli_quick_writes_tables_and_the_frontier(tiny_lm: LoadedModel, sae: SAE
     assert labels[:3] == ["none", "prompting", "prompting + default"] and labels[-1].startswith("default")
     assert [r["topic"] for r in saved["rows"]] == ["banking", "travel", "cooking", "cars"]
     assert (out / "steer_bench_frontier.png").read_bytes()[:8] == PNG_MAGIC
-    assert "| condition | hit_rate |" in (out / "steer_bench.md").read_text()
+    assert "| condition | hit_rate | ppl_ratio | ppl_ratio_95ci |" in (out / "steer_bench.md").read_text()
+    assert all(r["ppl_ratio_low"] <= r["ppl_ratio_high"] for r in saved["summary"])
 
 
 def test_cli_main_rows_run_the_four_rows_the_targets_read(tiny_lm: LoadedModel, sae: SAE, index,  # noqa: ANN001

@@ -159,3 +159,18 @@ def test_cli_join_writes_the_rows_side_by_side(tmp_path: Path) -> None:
     refused = CliRunner().invoke(cli.main, ["eval", "steer-bench-pool", str(tmp_path / "r1"), str(tmp_path / "r2"),
                                             "--out", str(out)])  # without --join: seed 4 would count twice
     assert refused.exit_code != 0 and "appear in more than one run" in refused.output
+
+
+def test_pooled_cells_keep_every_continuation_and_the_rows_get_an_interval() -> None:
+    first, second = run([0, 1], 1.0), run([2], 1.0)
+    for r in (first, second):
+        n = 4 * len(r["config"]["seeds"])
+        for c in r["cells"]:  # per-continuation NLLs that sum to the cell's
+            c["nll_per_text"] = [c["nll"] / n + 0.1 * (i % 3 - 1) for i in range(n)]
+            c["tokens_per_text"] = [c["tokens"] // n] * n
+    pooled = pool_runs([first, second])
+    cell = next(c for c in pooled["cells"] if c["condition"] == "add" and c["topic"] == "a")
+    assert cell["nll_per_text"] == first["cells"][2]["nll_per_text"] + second["cells"][2]["nll_per_text"]
+    add = next(r for r in pooled["rows"] if r["condition"] == "add")
+    assert add["ppl_ratio_low"] <= add["ppl_ratio_high"]
+    assert "ppl_ratio_low" not in pool_runs([run([0], 1.0)])["rows"][1]  # runs without them: no interval

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from saealign.evaluate.bench_topics import BenchTopic
 from saealign.evaluate.metrics import continuation_nll, distinct_n, topic_distance
+from saealign.evaluate.ppl_interval import ppl_interval_columns
 from saealign.evaluate.topic_classifier import TopicClassifier
 from saealign.models import LoadedModel
 from saealign.reference.scoring import TopicScores
@@ -128,6 +129,9 @@ class Cell:
     distance: float
     strength: float
     samples: list[str] = field(default_factory=list)
+    nll_per_text: list[float] = field(default_factory=list)
+    """Each continuation's judge NLL, in the benchmark's order (seeds outer, openers inner): the ratio's interval."""
+    tokens_per_text: list[int] = field(default_factory=list)
 
     @property
     def ppl(self) -> float:
@@ -192,12 +196,13 @@ def run_steer_bench(aligner: Aligner, judge: LoadedModel, topics: list[BenchTopi
             cells.append(Cell(cond.label, topic.name, topic.group, float(hits.mean()), per_seed,
                               sum(x for x, _ in nll), sum(c for _, c in nll), distinct_n(texts, 2),
                               float(topic_distance(aligner.embedder, texts, emb).mean()),
-                              float(np.mean([g.strength for g in gens])), texts[:3]))
+                              float(np.mean([g.strength for g in gens])), texts[:3],
+                              [x for x, _ in nll], [c for _, c in nll]))
         timings[cond.label] = time.perf_counter() - t0
         if on_condition is not None:
             on_condition([c.__dict__ | {"ppl": c.ppl} for c in cells])
     bar.close()
-    rows = summarise(cells, [c.label for c in conditions])
+    rows = summarise(cells, [c.label for c in conditions], len(openers))
     auto = {t.name: s.extra.get("auto_strength", {}) for t, s in zip(topics, scores, strict=True)}
     return {"cells": [c.__dict__ | {"ppl": c.ppl} for c in cells], "rows": rows, "timings_s": timings,
             "classifier": {g: m.accuracy for g, m in classifier.groups.items()}, "auto_strength": auto,
@@ -205,8 +210,10 @@ def run_steer_bench(aligner: Aligner, judge: LoadedModel, topics: list[BenchTopi
                                                     "spec": c.spec.to_json()} for c in conditions]}
 
 
-def summarise(cells: list[Cell], order: list[str]) -> list[dict[str, Any]]:
-    """One row per condition: mean hit rate (and its spread over seeds), ppl and distinct-2 relative to ``none``."""
+def summarise(cells: list[Cell], order: list[str], n_openers: int | None = None) -> list[dict[str, Any]]:
+    """One row per condition: mean hit rate (and its spread over seeds), ppl and distinct-2 relative to ``none``; with
+    ``n_openers`` and per-continuation NLLs also the perplexity ratio's 95 % bootstrap interval
+    (:mod:`saealign.evaluate.ppl_interval`)."""
     base = {c.topic: c for c in cells if c.condition == "none"}
     rows = []
     for label in order:
@@ -225,5 +232,8 @@ def summarise(cells: list[Cell], order: list[str]) -> list[dict[str, Any]]:
             "distance": float(np.mean([c.distance for c in mine])),
             "strength": float(np.mean([c.strength for c in mine])),
             "topics_hit_at_least_half": int(sum(c.hit_rate >= 0.5 for c in mine)),
-        })
+        } | ppl_interval_columns([(c.nll_per_text, c.tokens_per_text) for c in mine],
+                                 [(base[c.topic].nll_per_text, base[c.topic].tokens_per_text) for c in mine
+                                  if c.topic in base], n_openers))
     return rows
+

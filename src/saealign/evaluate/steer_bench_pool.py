@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from saealign.errors import SaealignError
+from saealign.evaluate.ppl_interval import ppl_interval_columns
 
 MATCHED_CONFIG = ("n_openers", "max_new_tokens", "top_k")
 """What every pooled run must share (the seeds must differ instead)."""
@@ -75,7 +76,7 @@ def pool_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     left_out = sorted({label for s in specs for label in s} - set(labels))
     cells = [_pool_cell(runs, label, topic) for label in labels
              for topic in dict.fromkeys(c["topic"] for c in runs[0]["cells"] if c["condition"] == label)]
-    return {"rows": _summary(cells, labels), "cells": cells, "seeds": seeds, "left_out": left_out}
+    return {"rows": _summary(cells, labels, int(runs[0]["config"]["n_openers"])), "cells": cells, "seeds": seeds, "left_out": left_out}
 
 
 def join_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -121,7 +122,10 @@ def _pool_cell(runs: list[dict[str, Any]], label: str, topic: str) -> dict[str, 
     n = sum(k for _, _, k in found)
     hits = sum(c["hit_rate"] * k for c, _, k in found)
     d2 = [c["distinct2"] / b["distinct2"] for c, b, _ in found if b["distinct2"]]
+    texts = all(c.get("nll_per_text") for c, _, _ in found)
     return {"condition": label, "topic": topic, "group": found[0][0]["group"], "continuations": n,
+            "nll_per_text": [x for c, _, _ in found for x in c["nll_per_text"]] if texts else [],
+            "tokens_per_text": [x for c, _, _ in found for x in c["tokens_per_text"]] if texts else [],
             "hits": round(hits), "hit_rate": hits / n,
             "hit_rate_per_seed": [h for c, _, _ in found for h in c["hit_rate_per_seed"]],
             "nll": sum(c["nll"] for c, _, _ in found), "tokens": sum(c["tokens"] for c, _, _ in found),
@@ -133,7 +137,7 @@ def _ppl(cell: dict[str, Any]) -> float:
     return math.exp(cell["nll"] / cell["tokens"]) if cell["tokens"] else float("nan")
 
 
-def _summary(cells: list[dict[str, Any]], labels: list[str]) -> list[dict[str, Any]]:
+def _summary(cells: list[dict[str, Any]], labels: list[str], n_openers: int) -> list[dict[str, Any]]:
     base = {c["topic"]: c for c in cells if c["condition"] == "none"}
     rows = []
     for label in labels:
@@ -145,5 +149,8 @@ def _summary(cells: list[dict[str, Any]], labels: list[str]) -> list[dict[str, A
                      "continuations": sum(c["continuations"] for c in mine),
                      "ppl_ratio": float(np.exp(np.mean(np.log(ratios)))),
                      "distinct2_ratio_weighted": float(np.mean([c["distinct2_ratio_weighted"] for c in mine])),
-                     "topics_hit_at_least_half": int(sum(c["hit_rate"] >= 0.5 for c in mine))})
+                     "topics_hit_at_least_half": int(sum(c["hit_rate"] >= 0.5 for c in mine))}
+                    | ppl_interval_columns([(c["nll_per_text"], c["tokens_per_text"]) for c in mine],
+                                           [(base[c["topic"]]["nll_per_text"], base[c["topic"]]["tokens_per_text"])
+                                            for c in mine], n_openers))
     return rows

@@ -15,7 +15,7 @@ from saealign.evaluate.steer_bench_pool import join_runs, pool_runs, read_run
 from saealign.evaluate.workbench import Workbench
 from saealign.steering.spec import GenerationSpec
 
-SUMMARY_COLUMNS = ["condition", "hit_rate", "ppl_ratio", "distinct2_ratio", "distance", "strength",
+SUMMARY_COLUMNS = ["condition", "hit_rate", "ppl_ratio", "ppl_ratio_95ci", "distinct2_ratio", "distance", "strength",
                    "topics_hit_at_least_half"]
 
 
@@ -92,7 +92,8 @@ def steer_bench_table(bench: Workbench, opts: SteerBenchOptions) -> Table:
             + f"); ppl_ratio: {opts.judge} perplexity of the continuation given the opener, over unsteered "
             f"(geometric mean over topics); distinct2_ratio: distinct bigrams over unsteered. Unsteered hit rate "
             f"{base:.3f}" + ("" if math.isnan(prompting) else f", prompting {prompting:.3f}") + ".")
-    summary = [{k: r[k] for k in SUMMARY_COLUMNS} | {"hit_rate_std": r["hit_rate_seed_std"]} for r in result["rows"]]
+    summary = [{k: r[k] for k in SUMMARY_COLUMNS if k in r} | {"hit_rate_std": r["hit_rate_seed_std"]} | _interval(r)
+               for r in result["rows"]]
 
     return Table("steer_bench", "Steering benchmark: topic hit rate vs fluency", per_topic,
                  ["topic", "group", *labels], note=note, before=[(summary, SUMMARY_COLUMNS)],
@@ -108,7 +109,15 @@ def _frontier(summary: list[dict[str, Any]], prompting: float) -> Any:
     return plot
 
 
-POOL_COLUMNS = ["condition", "hit_rate", "hits", "continuations", "ppl_ratio", "distinct2_ratio_weighted",
+def _interval(row: dict[str, Any]) -> dict[str, Any]:
+    """The perplexity ratio's 95 % interval as a column (and its ends as numbers), where the row has one."""
+    if "ppl_ratio_low" not in row:
+        return {}
+    return {"ppl_ratio_95ci": f"{row['ppl_ratio_low']:.3f}-{row['ppl_ratio_high']:.3f}",
+            "ppl_ratio_low": row["ppl_ratio_low"], "ppl_ratio_high": row["ppl_ratio_high"]}
+
+
+POOL_COLUMNS = ["condition", "hit_rate", "hits", "continuations", "ppl_ratio", "ppl_ratio_95ci", "distinct2_ratio_weighted",
                 "topics_hit_at_least_half"]
 
 
@@ -136,6 +145,6 @@ def pooled_table(paths: list[Path], join: bool = False) -> Table:
             "is each run's distinct-2 ratio averaged with its continuations as weights (distinct-2 does not pool)."
             + (f" Rows not in every run, left out: {', '.join(pooled['left_out'])}." if pooled["left_out"] else ""))
     return Table("steer_bench_pooled", "Steering benchmark, runs pooled", per_topic, ["topic", *labels], note=note,
-                 before=[(pooled["rows"], POOL_COLUMNS)], extra={"cells": cells, "seeds": pooled["seeds"],
+                 before=[([r | _interval(r) for r in pooled["rows"]], POOL_COLUMNS)], extra={"cells": cells, "seeds": pooled["seeds"],
                                                                "runs": [str(p) for p in paths], "summary": pooled["rows"]},
                  plots={"steer_bench_frontier.png": _frontier(pooled["rows"], prompting)})
