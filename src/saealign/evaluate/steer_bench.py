@@ -236,4 +236,3 @@ def summarise(cells: list[Cell], order: list[str], n_openers: int | None = None)
                                  [(base[c.topic].nll_per_text, base[c.topic].tokens_per_text) for c in mine
                                   if c.topic in base], n_openers))
     return rows
-
