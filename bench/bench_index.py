@@ -27,7 +27,7 @@ from saealign.reference.corpus import sample
 from saealign.reference.corpus_spec import read_corpus
 from saealign.reference.embed import Embedder
 from saealign.reference.index import IndexConfig, build_index, embedding_store, stack_keys
-from saealign.residual_stream import content_mask, residuals_at, special_token_ids
+from saealign.residual_stream import content_mask, residuals_at, right_pad, special_token_ids
 
 
 def raw_forward(lm, texts: list[str], cfg: IndexConfig) -> float:  # noqa: ANN001 - a LoadedModel
@@ -38,12 +38,7 @@ def raw_forward(lm, texts: list[str], cfg: IndexConfig) -> float:  # noqa: ANN00
     start = time.perf_counter()
     for b in range(0, len(order), cfg.batch_size):
         rows = [enc[i] for i in order[b : b + cfg.batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), int(tok.pad_token_id))
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, : len(r)] = torch.tensor(r)
-            mask[j, : len(r)] = 1
+        ids, mask = right_pad(rows, int(tok.pad_token_id))
         keep = content_mask(ids, mask, special)
         residuals_at(lm.model, cfg.layer, ids, mask)[keep]
     return time.perf_counter() - start

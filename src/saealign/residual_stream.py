@@ -99,6 +99,18 @@ def residuals_at(model: nn.Module, layer: int, input_ids: Tensor, attention_mask
     return residuals_at_layers(model, [layer], input_ids, attention_mask)[layer]
 
 
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """``(input_ids, attention_mask)`` ``[batch, longest]`` int64, padded on the right (what the statistics readers
+    feed: a row's positions keep their order from 0; :func:`content_mask` handles either side)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
 def special_token_ids(tokenizer: object) -> set[int]:
     """Ids of the tokenizer's special tokens (BOS/EOS/PAD/chat markers): excluded from SAE data and summaries."""
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])

@@ -24,7 +24,13 @@ import torch
 from saealign.models import LoadedModel
 from saealign.reference.codec import encode
 from saealign.reference.shards import Shard
-from saealign.residual_stream import content_mask, massive_positions, residuals_at, special_token_ids
+from saealign.residual_stream import (
+    content_mask,
+    massive_positions,
+    residuals_at,
+    right_pad,
+    special_token_ids,
+)
 from saealign.sae.autoencoder import SAE
 
 
@@ -53,12 +59,7 @@ def prompt_statistics(
     n_tokens = np.zeros(len(texts), dtype=np.int32)
     for b in range(0, len(order), batch_size):
         rows = order[b : b + batch_size]
-        width = max(len(enc[r]) for r in rows)
-        ids = torch.full((len(rows), width), int(tok.pad_token_id))
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, : len(enc[r])] = torch.tensor(enc[r])
-            mask[j, : len(enc[r])] = 1
+        ids, mask = right_pad([enc[r] for r in rows], int(tok.pad_token_id))
         keep = content_mask(ids, mask, special).to(device)
         hidden = residuals_at(lm.model, layer, ids.to(device), mask.to(device))
         if drop_massive:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from saealign.models import LoadedModel
-from saealign.residual_stream import content_mask, residuals_at_layers, special_token_ids
+from saealign.residual_stream import content_mask, residuals_at_layers, right_pad, special_token_ids
 from saealign.sae.train_config import TrainConfig
 
 
@@ -39,12 +39,7 @@ def activation_stream(
             order = sorted(range(len(enc)), key=lambda j: len(enc[j]))
             for b in range(0, len(order), cfg.text_batch):
                 rows = [enc[j] for j in order[b : b + cfg.text_batch]]
-                width = max(len(r) for r in rows)
-                ids = torch.full((len(rows), width), int(tok.pad_token_id))  # type: ignore[attr-defined]
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for r, row in enumerate(rows):
-                    ids[r, : len(row)] = torch.tensor(row)
-                    mask[r, : len(row)] = 1
+                ids, mask = right_pad(rows, int(tok.pad_token_id))  # type: ignore[attr-defined]
                 keep = content_mask(ids, mask, special)
                 acts = residuals_at_layers(lm.model, layers, ids, mask)
                 for layer in layers:

@@ -27,7 +27,13 @@ from torch import Tensor
 from saealign.cache import atomic_write_bytes, cache_dir, hash_json
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
-from saealign.residual_stream import content_mask, massive_positions, residuals_at, special_token_ids
+from saealign.residual_stream import (
+    content_mask,
+    massive_positions,
+    residuals_at,
+    right_pad,
+    special_token_ids,
+)
 
 
 @torch.inference_mode()
@@ -41,13 +47,7 @@ def residual_mean(lm: LoadedModel, layer: int, texts: Sequence[str], max_seq_len
     count = 0
     encoded = [tok(t, truncation=True, max_length=max_seq_len)["input_ids"] for t in texts]
     for b in range(0, len(encoded), batch_size):
-        rows = encoded[b:b + batch_size]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), int(tok.pad_token_id))
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, :len(r)] = torch.tensor(r)
-            mask[j, :len(r)] = 1
+        ids, mask = right_pad(encoded[b:b + batch_size], int(tok.pad_token_id))
         hidden = residuals_at(lm.model, layer, ids.to(device), mask.to(device))
         keep = content_mask(ids, mask, special).to(device)
         keep = keep & ~massive_positions(hidden, keep)
