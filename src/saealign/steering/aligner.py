@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -67,6 +67,16 @@ __all__ = ["Aligner", "Companion", "CompanionArg", "Generation", "TokenEvent", "
 
 CompanionArg = tuple[SAE, int] | tuple[SAE, int, float]
 """A companion layer as given to :class:`Aligner`: its SAE, the layer it reads and optionally its weight (default 1)."""
+
+
+TOPIC_MEMO = 256
+"""How many topics each per-topic memo of an :class:`Aligner` (output match, mean shift, companion topics) keeps."""
+
+
+def _make_room(memo: dict[Any, Any], limit: int) -> None:
+    """Drop a memo's oldest entry once it holds ``limit``: a server sees many topics, so memory stays bounded."""
+    if len(memo) >= limit:
+        memo.pop(next(iter(memo)))
 
 
 class Companion(NamedTuple):
@@ -277,8 +287,7 @@ class Aligner:
         if key not in self._matches:
             if self._description_embeddings is None:
                 self._description_embeddings = description_embeddings(self.latent_descriptions(), self.embedder)
-            if len(self._matches) >= 256:  # a server sees many topics: keep the memory bounded
-                self._matches.pop(next(iter(self._matches)))
+            _make_room(self._matches, TOPIC_MEMO)
             self._matches[key] = output_match(self._description_embeddings, self.embedder.embed(list(key)))
         return self._matches[key]
 
@@ -293,8 +302,7 @@ class Aligner:
             if self._own_mean is None:
                 self._own_mean = load_or_measure_own_mean(self.lm, self.layer, neutral_prompts(16), DEFAULT_TEXT,
                                                           self.default_texts)
-            if len(self._shifts) >= 256:  # a server sees many topics: keep the memory bounded
-                self._shifts.pop(next(iter(self._shifts)))
+            _make_room(self._shifts, TOPIC_MEMO)
             self._shifts[key] = mean_shift(residual_mean(self.lm, self.layer, list(key)), self._own_mean)
         return self._shifts[key]
 
@@ -324,8 +332,7 @@ class Aligner:
             plain = TopicScores(np.ones(d, np.float32), np.full(d, np.nan), np.zeros(d, np.int64), np.ones(d, bool),
                                 list(key[1]), sae_key=side.sae_key,
                                 note="companion layer: weighed by contrast, output score and output match alone")
-            if len(self._companion_topics) >= 256 * len(self.companions):  # a server sees many topics: bounded
-                self._companion_topics.pop(next(iter(self._companion_topics)))
+            _make_room(self._companion_topics, TOPIC_MEMO * len(self.companions))
             self._companion_topics[key] = side.with_contrast(plain)
         return self._companion_topics[key]
 
