@@ -148,6 +148,12 @@ def test_generate_json_and_side_by_side(files: Files) -> None:
     assert "strength auto -> " in view.output  # the automatic choice is reported (on stderr)
     fixed = json.loads(run(*args, "--json", "--strength", "2", "the cat sat on the").stdout.strip())
     assert fixed["strength"] == 2.0
+    # a tuned mix steers differently, and the side-by-side view's unsteered row still runs
+    tuned = run(*args, "--tune-steps", "3", "the cat sat on the")
+    assert tuned.exit_code == 0, tuned.output
+    assert "unsteered" in tuned.output
+    tuned_row = json.loads(run(*args, "--json", "--strength", "2", "--tune-steps", "3", "the cat sat on the").stdout)
+    assert tuned_row["strength"] == 2.0 and tuned_row["token_contamination"] != fixed["token_contamination"]
     assert_one_error_line(run(*args, "--strength", "strong", "a dog"), "strength must be a number or 'auto'")
     assert_one_error_line(run(*args, "--strength", "inf", "a dog"), f"strength for {DEFAULT_METHOD} must be between 0 and")
 

@@ -187,6 +187,14 @@ def test_a_bad_prompt_boost_is_refused_before_the_model_loads(files: Files, watc
     assert watched == []
 
 
+def test_bad_tune_steps_are_refused_before_the_model_loads(files: Files, watched: list[str]) -> None:
+    one_error(run("generate", *stack(files), "the cat", "--topic-file", files.topic, "--tune-steps", "-2"),
+              "tune_steps must be a whole number from 0 to 200")
+    one_error(run("generate", *stack(files), "the cat", "--topic-file", files.topic, "--method", "swap",
+                  "--tune-steps", "3"), "tune_steps tunes add's mix of latents; swap has none")
+    assert watched == []
+
+
 def test_strength_help_prints_no_double_percent() -> None:
     result = run("generate", "--help")
     assert result.exit_code == 0 and "%%" not in result.output and "--strength" in result.output

@@ -157,6 +157,10 @@ def test_one_topic_shape_in_every_route_and_every_spec_field(client: httpx.Clien
     assert huge.status_code == 400 and "strength for swap must be between 0 and 8" in huge.json()["error"]
     boost = client.post("/v1/generate", json={**body, "method": "add", "prompt_boost": 40, "topic": tid})
     assert boost.status_code == 400 and "prompt_boost must be a number from 0 to 10" in boost.json()["error"]
+    tuned = client.post("/v1/generate", json={**body, "method": "add", "tune_steps": 2, "topic": tid})
+    want = served.reference.generate("the cat sat on the", TOPIC_A, Spec("add", tune_steps=2, steer_prompt=False,
+                                                                          greedy=True, max_new_tokens=5))[0]
+    assert tuned.status_code == 200 and tuned.json()["generations"][0]["token_ids"] == want.token_ids
     health = client.get("/health").json()
     assert health["methods"] == ["none", "sae", "clamp", "swap", "weight", "add", "swap_add", "diffmean"]
 
@@ -275,6 +279,8 @@ def test_openai_client_completions_and_chat(served: Served) -> None:
     ("/v1/generate", {"json": {"prompt": "a dog", "max_new_tokens": 65}}, 400, "limit of 64"),
     ("/v1/generate", {"json": {"prompt": "a dog", "max_new_tokens": 0}}, 400, "at least 1"),
     ("/v1/generate", {"json": {"prompt": "a dog", "method": "swap"}}, 400, "needs a topic"),
+    ("/v1/generate", {"json": {"prompt": "a dog", "topic": ["the cat sat on the mat"], "tune_steps": 33}}, 400, "tune_steps is 33, more than this server's limit of 32"),
+    ("/v1/generate", {"json": {"prompt": "a dog", "method": "none", "tune_steps": 2}}, 400, "tune_steps tunes add's mix"),
     ("/v1/generate", {"json": {"prompt": "a dog", "promt": 1}}, 422, "promt: Extra inputs are not permitted"),
     ("/v1/generate", {"json": {"prompt": " ".join(["dog"] * 100), "max_new_tokens": 64}}, 400, "context of 128"),
     ("/v1/generate", {"json": {"prompt": " ".join(["dog"] * 100), "max_new_tokens": 64, "stream": True}}, 400,

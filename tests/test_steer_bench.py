@@ -160,6 +160,10 @@ def test_default_rows_compare_the_boosted_default_with_the_constant_push() -> No
     assert len(default_conditions(Spec(companion_push=0))) == len(default_conditions()) - 1  # no second one-layer row
     assert {c.label for c in default_conditions(Spec(companion_push=2))} >= {"default (add 0.15 companion x2)",
                                                                             "add 0.15 one layer"}
+    # the tuned mix's row: the default's push along the tuned mix; a tuned default gets none
+    assert {c.label: c for c in default_conditions()}["add 0.15 tuned 12"].spec == Spec(tune_steps=12)
+    assert not any(c.label.endswith("tuned 12") for c in default_conditions(Spec(tune_steps=3)))
+    assert default_conditions(Spec(tune_steps=3))[3].label == "default (add 0.15 tuned 3)"
 
 
 def test_named_rows_come_in_the_benchmarks_order() -> None:

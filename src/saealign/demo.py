@@ -82,7 +82,7 @@ def run_demo(layer: int | None = None, max_new_tokens: int = 64, seed: int = 0, 
     # the library's default: the additive method at its default strength
     default = GenerationSpec(max_new_tokens=max_new_tokens, top_k=5)
     t0 = time.perf_counter()
-    plain = aligner.generate(prompts, topic, replace(default, method="none"), seed=seed)
+    plain = aligner.generate(prompts, topic, replace(default, method="none", tune_steps=0), seed=seed)
     steered = aligner.generate(prompts, topic, default, seed=seed)
     seconds = time.perf_counter() - t0
     console.print(side_by_side(plain, steered, f"{prompts_name}: unsteered vs the default ({max_new_tokens} tokens, "

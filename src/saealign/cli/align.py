@@ -26,6 +26,7 @@ from saealign.steering.spec import (
     DEFAULT_COMPANION_PUSH,
     DEFAULT_METHOD,
     DEFAULT_PROMPT_BOOST,
+    DEFAULT_TUNE_STEPS,
     LATENT_DIRECTIONS,
     METHODS,
     MODES,
@@ -76,6 +77,10 @@ SPEC_OPTIONS = [
                       "many times (x each one's weight) as hard as the main layer, which then takes "
                       f"{COMPANION_MAIN_SHARE:.3g} of the strength; 0 = one layer (default {DEFAULT_COMPANION_PUSH:.3g} "
                       "where the stack has companion layers, else 0)"),
+    click.option("--tune-steps", type=int, default=None,
+                 help="add: tune the mix of the topic's latents for this many steps so the pushed model finds the "
+                      "topic texts likely (once per topic and strength, cached); 0 = untuned (default "
+                      f"{DEFAULT_TUNE_STEPS['add']})"),
 ]
 SPEC_FIELDS = {f.name for f in fields(GenerationSpec)}
 
@@ -223,7 +228,7 @@ def generate_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path |
 
     from saealign.demo import side_by_side
 
-    plain = steered if spec.method == "none" else aligner.generate(prompt_list, topic, replace(spec, method="none"),
+    plain = steered if spec.method == "none" else aligner.generate(prompt_list, topic, replace(spec, method="none", tune_steps=0),
                                                                    seed=seed)
     Console().print(side_by_side(plain, steered, f"layer {aligner.layer}: unsteered vs {spec.method} ({spec.mode})"))
 

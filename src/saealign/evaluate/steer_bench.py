@@ -63,15 +63,20 @@ def bench_openers(n: int) -> list[str]:
 
 
 def condition_name(spec: GenerationSpec) -> str:
-    """``"add 0.2 prompt x4"``: the method, its strength, the prompt boost where it is not 1, and the companion push
-    where the spec names one (``one layer`` for 0; none named = the aligner's default)."""
+    """``"add 0.2 prompt x4"``: the method, its strength, the prompt boost where it is not 1, the companion push
+    where the spec names one (``one layer`` for 0; none named = the aligner's default) and the tuning steps where the
+    mix is tuned (``tuned 12``)."""
     strength = spec.strength if isinstance(spec.strength, str) else f"{spec.strength:g}"
     boost = f" prompt x{spec.boost:g}" if spec.method in ADDITIVE and spec.boost != 1 else ""
     companion = ""
     if spec.method in ADDITIVE and spec.companion_push is not None:
         companion = " one layer" if spec.companion_push == 0 else f" companion x{spec.companion_push:.3g}"
-    return f"{spec.method} {strength}{boost}{companion}"
+    tuned = f" tuned {spec.tune_steps}" if spec.tune_steps else ""
+    return f"{spec.method} {strength}{boost}{companion}{tuned}"
 
+
+TUNED_ROW_STEPS = 12
+"""The tuned mix's row: the default with its latent mix tuned this many steps (:mod:`saealign.steering.tuning`)."""
 
 NEIGHBOUR_STEP = 0.025
 """The strength step of the default's neighbour rows: about 4-6 points of hit rate apart near the default (run 8)."""
@@ -81,7 +86,7 @@ def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondi
     """none, prompting, prompting + the default, the default, its neighbours (strength ± :data:`NEIGHBOUR_STEP`, the
     constant push for a boosted default, the main layer alone where the default has a companion push, auto, the
     direction without the activation contrast and without the output match, the topic feedback, the same push along the
-    SAE-free difference of means), the paper's Swap, and the hybrid swap_add. (The prompt boost, measured in run 5, is no longer a row: ``SteerBenchOptions.conditions`` can name it.)"""
+    SAE-free difference of means and along the tuned mix), the paper's Swap, and the hybrid swap_add. (The prompt boost, measured in run 5, is no longer a row: ``SteerBenchOptions.conditions`` can name it.)"""
     default = default or GenerationSpec()
     out = [BenchCondition("none", GenerationSpec(method="none")),
            BenchCondition("prompting", GenerationSpec(method="none"), prompting=True),
@@ -107,8 +112,11 @@ def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondi
             faded = replace(default, feedback=True, strength=None, prompt_boost=None)  # the feedback's own defaults
             out += [BenchCondition(f"{condition_name(faded)} with feedback", faded)]
         if default.method in LATENT_DIRECTIONS:  # the same push along the SAE-free difference of means
-            control = replace(default, method="diffmean")
+            control = replace(default, method="diffmean", tune_steps=0)
             out += [BenchCondition(condition_name(control), control)]
+        if default.method == "add" and not default.tune_steps:  # the same push along the tuned mix (run 11)
+            tuned = replace(default, tune_steps=TUNED_ROW_STEPS)
+            out += [BenchCondition(condition_name(tuned), tuned)]
     out += [BenchCondition("swap 1", GenerationSpec(method="swap", strength=1.0)),
             BenchCondition("swap_add 0.3", GenerationSpec(method="swap_add", strength=0.3))]
     return out

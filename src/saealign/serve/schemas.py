@@ -20,6 +20,7 @@ from saealign.steering.spec import (
     DEFAULT_COMPANION_PUSH,
     DEFAULT_METHOD,
     DEFAULT_PROMPT_BOOST,
+    DEFAULT_TUNE_STEPS,
     METHODS,
     MODES,
     UNSCORED,
@@ -48,6 +49,9 @@ class ServerLimits:
     """Streams advanced together; more wait for a free slot."""
     max_topics: int = 256
     """Scored topics kept (least recently used dropped first)."""
+    max_tune_steps: int = 32
+    """``tune_steps`` one request may ask for: each step is a forward and backward pass over the topic texts on the
+    model thread (about 1-3 s for the default model on a 2-core CPU), once per topic and strength."""
     batch_window_s: float = 0.005
     """How long an idle worker waits for more requests before it starts a batch."""
 
@@ -110,6 +114,10 @@ class SteeringOptions(BaseModel):
                                   "times (x each one's weight) as hard as the main layer, which then takes "
                                   f"{COMPANION_MAIN_SHARE:.3g} of the strength; 0 = one layer; null = "
                                   f"{DEFAULT_COMPANION_PUSH:.3g} where the stack has companion layers, else 0")
+    tune_steps: int | None = Field(
+        default=None, description="add: tune the mix of the topic's latents for this many steps so the pushed model "
+                                  "finds the topic texts likely (once per topic and strength, cached); 0 = untuned; "
+                                  f"null = the default ({DEFAULT_TUNE_STEPS['add']})")
     top_k: int = 5
     greedy: bool = False
 

@@ -107,6 +107,9 @@ class ServerState:
             raise ApiError(400, f"max_new_tokens is {max_new_tokens}, more than this server's limit of "
                                 f"{self.limits.max_new_tokens}: ask for fewer")
         spec = GenerationSpec(method=method, max_new_tokens=max_new_tokens, **fields)
+        if (spec.tune_steps or 0) > self.limits.max_tune_steps:
+            raise ApiError(400, f"tune_steps is {spec.tune_steps}, more than this server's limit of "
+                                f"{self.limits.max_tune_steps}: ask for fewer")
         if spec.needs_topic and topic is None:
             raise ApiError(400, f"method {method!r} needs a topic: give a topic id or topic texts, or method 'none'")
         return spec

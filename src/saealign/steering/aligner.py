@@ -48,7 +48,13 @@ from saealign.steering.descriptions import (
     load_or_measure_descriptions,
     output_match,
 )
-from saealign.steering.directions import DEFAULT_TEXT, SteeringBasis, load_or_measure_basis
+from saealign.steering.directions import (
+    DEFAULT_TEXT,
+    SteeringBasis,
+    chosen_latents,
+    load_or_measure_basis,
+    unit_decoder,
+)
 from saealign.steering.generation import Generation, RowRecord, TokenEvent
 from saealign.steering.hook import SteeringHook
 from saealign.steering.mean_shift import load_or_measure_own_mean, mean_shift, residual_mean
@@ -62,6 +68,7 @@ from saealign.steering.spec import (
     GenerationSpec,
 )
 from saealign.steering.strength import AutoStrengthConfig, NeutralProbe, StrengthChoice, neutral_prompts
+from saealign.steering.tuning import PushedLayer, load_or_tune, unit_mix
 
 __all__ = ["Aligner", "Companion", "CompanionArg", "Generation", "TokenEvent", "TopicArg"]
 
@@ -70,7 +77,8 @@ CompanionArg = tuple[SAE, int] | tuple[SAE, int, float]
 
 
 TOPIC_MEMO = 256
-"""How many topics each per-topic memo of an :class:`Aligner` (output match, mean shift, companion topics) keeps."""
+"""How many topics each per-topic memo of an :class:`Aligner` (output match, mean shift, companion topics, tuned
+mixes) keeps."""
 
 
 def _make_room(memo: dict[Any, Any], limit: int) -> None:
@@ -120,6 +128,7 @@ class Aligner:
         self._description_embeddings: np.ndarray | None = None
         self._matches: dict[tuple[str, ...], np.ndarray] = {}
         self._shifts: dict[tuple[str, ...], torch.Tensor] = {}
+        self._tuned: dict[tuple[Any, ...], dict[int, torch.Tensor]] = {}
         self._own_mean: np.ndarray | None = None
         self._own_texts: list[str] | None = None
         self._texts_owner: Aligner | None = None
@@ -306,6 +315,37 @@ class Aligner:
             self._shifts[key] = mean_shift(residual_mean(self.lm, self.layer, list(key)), self._own_mean)
         return self._shifts[key]
 
+    def tuned_directions(self, topic: TopicScores, strength: float, spec: GenerationSpec) -> dict[int, torch.Tensor]:
+        """Per pushed layer (this aligner's, then each companion's), the unit direction of ``topic``'s latent mix tuned
+        with ``spec.tune_steps`` steps while this layer is pushed at ``strength`` (the main layer's share) and each
+        companion as :meth:`_companion_hooks` pushes it (:mod:`saealign.steering.tuning`; remembered per topic texts
+        and strength, cached on disk). ``topic`` carries its contrast where ``spec.contrast`` is on."""
+        if not topic.topic_texts:
+            raise SaealignError("these topic scores hold no topic texts to tune the push on: re-score the topic from "
+                                "its texts, or steer with tune_steps=0")
+        spec = self.resolve(spec)
+        push = spec.companion_push or 0.0
+        sides = [(self, topic, strength)] + [(c.aligner, self.companion_topic(topic, c.aligner), strength * push * c.weight)
+                                             for c in self.companions if push > 0]
+        memo = (tuple(topic.topic_texts), round(strength, 9), spec.tune_steps, push, spec.n_latents,
+                spec.output_scores, spec.contrast, spec.output_match)
+        if memo not in self._tuned:
+            layers, chosen = [], []
+            for side, side_topic, side_strength in sides:
+                basis = side.steering_basis()
+                match = side.output_match(side_topic) if spec.output_match else None
+                values, idx = chosen_latents(side_topic.as_tensor(unscored="drop"), spec.n_latents,
+                                             *planning.latent_factors(spec, side_topic, basis, match))
+                layers.append(PushedLayer(side.block, unit_decoder(side.sae).cpu()[idx], values,
+                                          side_strength * basis.residual_norm))
+                chosen.append({"basis": basis.key, "latents": idx.tolist()})
+            weights = load_or_tune(self.lm.model, layers, self.lm.tokenizer, self.special_ids, list(memo[0]),
+                                   int(spec.tune_steps or 0), {"model": self.lm.key, "pushed": chosen}, progress=True)
+            _make_room(self._tuned, TOPIC_MEMO)
+            self._tuned[memo] = {side.layer: unit_mix(layer.decoder, w)
+                                 for (side, _, _), layer, w in zip(sides, layers, weights, strict=True)}
+        return self._tuned[memo]
+
     def resolve(self, spec: GenerationSpec) -> GenerationSpec:
         """``spec`` with ``companion_push`` resolved for this aligner (None: the default where it has companion
         layers, else 0); one error line if it asks for companions this aligner lacks."""
@@ -337,9 +377,11 @@ class Aligner:
         return self._companion_topics[key]
 
     def _companion_hooks(self, spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
-                         strengths: list[float]) -> tuple[tuple[SteeringHook, torch.nn.Module], ...]:
+                         strengths: list[float], tuned: dict[int, dict[int, torch.Tensor]] | None = None
+                         ) -> tuple[tuple[SteeringHook, torch.nn.Module], ...]:
         """The companion layers' pushes for the batch (empty when they are off), ``strengths`` being the main
-        layer's: each companion gets ``strength × companion_push × its weight``."""
+        layer's: each companion gets ``strength × companion_push × its weight`` (along its tuned direction per
+        topic index where ``tuned`` holds one, :meth:`_tuned_units`)."""
         push = spec.companion_push or 0.0
         if spec.method not in ADDITIVE or push == 0 or not topics:
             return ()
@@ -347,25 +389,49 @@ class Aligner:
         hooks = []
         for c in self.companions:
             hook = c.aligner._hook(side_spec, [self.companion_topic(t, c.aligner) for t in topics], per_row,
-                                   [s * push * c.weight for s in strengths], None)
+                                   [s * push * c.weight for s in strengths], None,
+                                   None if tuned is None else {i: u[c.aligner.layer] for i, u in tuned.items()})
             assert hook is not None
             hook.record = False
             hooks.append((hook, c.aligner.block))
         return tuple(hooks)
 
     def _hook(self, spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
-              strengths: list[float], max_act: torch.Tensor | None) -> SteeringHook | None:
+              strengths: list[float], max_act: torch.Tensor | None,
+              tuned: dict[int, torch.Tensor] | None = None) -> SteeringHook | None:
         """:func:`planning.make_hook` with what this aligner's SAE needs for ``spec``: the steering basis, the
-        feedback's reference mean and each used topic's output match (the main layer's and the companion's)."""
+        feedback's reference mean and each used topic's output match (the main layer's and the companion's), or
+        its direction where it is given: the mean shift (``diffmean``), the tuned mix (``tuned``, per topic index)."""
         additive = spec.method in ADDITIVE and bool(topics)
         basis = self.steering_basis() if additive else None
         reference = self.reference_mean() if additive and spec.feedback else None
         used = sorted({j for j in per_row if j is not None})
-        latents = additive and spec.method in LATENT_DIRECTIONS
+        latents = additive and spec.method in LATENT_DIRECTIONS and tuned is None
         matches = {i: self.output_match(topics[i]) for i in used} if latents and spec.output_match else None
-        shifts = {i: self.mean_shift(topics[i]) for i in used} if additive and not latents else None
+        units = tuned
+        if additive and spec.method not in LATENT_DIRECTIONS:
+            units = {i: self.mean_shift(topics[i]) for i in used}
         return planning.make_hook(self.sae, spec, topics, per_row, strengths, max_act, basis, reference, matches,
-                                  shifts)
+                                  units)
+
+    def _tuned_units(self, spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
+                     strengths: list[float]) -> dict[int, dict[int, torch.Tensor]] | None:
+        """Per used topic index, its tuned unit direction per pushed layer (:meth:`tuned_directions`) at its rows'
+        main-layer strength; None when ``spec`` tunes nothing."""
+        if not spec.tune_steps or spec.method != "add" or not topics:
+            return None
+        tuned = {}
+        for i in sorted({j for j in per_row if j is not None}):
+            chosen = {s for s, t in zip(strengths, per_row, strict=True) if t == i}
+            if len(chosen) > 1:
+                raise SaealignError("tune_steps tunes one push per topic: give the rows of a topic one strength, or "
+                                    "steer with tune_steps=0")
+            strength = chosen.pop()
+            if strength == 0:  # no push (auto found nothing to steer by): no direction to tune
+                tuned[i] = {a.layer: torch.zeros(a.sae.d_in) for a in (self, *(c.aligner for c in self.companions))}
+            else:
+                tuned[i] = self.tuned_directions(topics[i], strength, spec)
+        return tuned
 
     def default_texts(self) -> list[str]:
         """The model's own unsteered text: every neutral prompt continued with each of :data:`DEFAULT_TEXT`'s seeds
@@ -414,8 +480,10 @@ class Aligner:
         main = strengths
         if spec.method in ADDITIVE and spec.companion_push and topics:  # the layers share the strength
             main = [s * COMPANION_MAIN_SHARE for s in strengths]
-        hook = self._hook(spec, topics, per_row, main, max_act)
-        companions = self._companion_hooks(spec, topics, per_row, main)
+        tuned = self._tuned_units(spec, topics, per_row, main)
+        hook = self._hook(spec, topics, per_row, main, max_act,
+                          None if tuned is None else {i: u[self.layer] for i, u in tuned.items()})
+        companions = self._companion_hooks(spec, topics, per_row, main, tuned)
         generators = [row_generator(s, t) for s, t in zip(seeds, texts, strict=True)]
         return Plan(prompts, list(rows), generators, seeds, per_row, hook, strengths, spec, companions)
 

@@ -102,6 +102,18 @@ def topic_direction(sae: SAE, scores: Tensor, n_latents: int, output_scores: Ten
     words each latent makes the model say are to the topic, :func:`saealign.steering.descriptions.output_match`)
     or None.
     """
+    values, idx = chosen_latents(scores, n_latents, output_scores, contrast, match)
+    v = (values.unsqueeze(1) * unit_decoder(sae).cpu()[idx]).sum(dim=0)
+    norm = v.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise SaealignError("the topic's latents cancel out: their decoder directions sum to 0")
+    return v / norm
+
+
+def chosen_latents(scores: Tensor, n_latents: int, output_scores: Tensor | None = None, contrast: Tensor | None = None,
+                   match: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(weights [k] > 0, latent indices [k])`` float32 / int64 on the CPU: the ``k <= n_latents`` latents of largest
+    ``w_i = score_i × output_i × contrast_i × match_i`` (the factors given) that the topic direction sums."""
     w = scores.detach().float().cpu()
     for factor in (output_scores, contrast, match):
         if factor is not None:
@@ -113,11 +125,7 @@ def topic_direction(sae: SAE, scores: Tensor, n_latents: int, output_scores: Ten
                             "than on the reference and makes the model say topic-like words: nothing to steer along "
                             "(use a method without a direction, e.g. swap, or give more topic texts)")
     values, idx = w.topk(k)
-    v = (values.unsqueeze(1) * unit_decoder(sae).cpu()[idx]).sum(dim=0)
-    norm = v.norm()
-    if not torch.isfinite(norm) or norm == 0:
-        raise SaealignError("the topic's latents cancel out: their decoder directions sum to 0")
-    return v / norm
+    return values, idx
 
 
 def _final_norm_weight(model: Any) -> Tensor | None:

@@ -85,28 +85,36 @@ def steering(spec: GenerationSpec, strength: float) -> Steering:
 
 def directions_for(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], per_row: list[int | None],
                    strengths: list[float], basis: SteeringBasis, matches: dict[int, np.ndarray] | None = None,
-                   shifts: dict[int, Tensor] | None = None) -> Tensor:
+                   units: dict[int, Tensor] | None = None) -> Tensor:
     """``[batch, d_in]`` what the additive methods add to each row: strength × ρ × the row's topic direction.
 
-    ``matches`` holds each topic's output match (by topic index) when ``spec.output_match`` is on; ``shifts`` each
-    topic's unit mean shift (:mod:`saealign.steering.mean_shift`) for ``diffmean``, whose direction it is."""
+    ``matches`` holds each topic's output match (by topic index) when ``spec.output_match`` is on. ``units`` holds
+    each topic's unit direction where it comes from outside the latents' statistics: ``diffmean``'s mean shift
+    (:mod:`saealign.steering.mean_shift`), whose direction it is, or ``add``'s tuned mix (``spec.tune_steps``,
+    :mod:`saealign.steering.tuning`)."""
     used = sorted({j for j in per_row if j is not None})
-    if spec.method not in LATENT_DIRECTIONS:
-        if shifts is None or any(i not in shifts for i in used):
-            raise SaealignError(f"{spec.method} needs each topic's mean shift: steer through Aligner.generate")
-        unit = {i: shifts[i].float().cpu() for i in used}
+    if units is not None and all(i in units for i in used):
+        unit = {i: units[i].float().cpu() for i in used}
+    elif spec.method not in LATENT_DIRECTIONS:
+        raise SaealignError(f"{spec.method} needs each topic's mean shift: steer through Aligner.generate")
     else:
-        out = torch.as_tensor(basis.output_scores) if spec.output_scores else None
-        if spec.output_match and matches is None:
-            raise SaealignError("output_match needs each topic's output match: steer through Aligner.generate, or "
-                                "with output_match=False")
-        unit = {i: topic_direction(sae, topics[i].as_tensor(unscored="drop"), spec.n_latents, out,
-                                   _contrast(topics[i], spec),
-                                   torch.as_tensor(matches[i]) if spec.output_match and matches is not None else None)
+        unit = {i: topic_direction(sae, topics[i].as_tensor(unscored="drop"), spec.n_latents,
+                                   *latent_factors(spec, topics[i], basis, matches.get(i) if matches else None))
                 for i in used}
     rows = [unit[t] * (s * basis.residual_norm) if t is not None else torch.zeros(sae.d_in)
             for t, s in zip(per_row, strengths, strict=True)]
     return torch.stack(rows).to(sae.W_enc.device)
+
+
+def latent_factors(spec: GenerationSpec, topic: TopicScores, basis: SteeringBasis,
+                   match: np.ndarray | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(output scores, contrast, output match)``: the factors ``spec`` weighs the topic's latents by beside their
+    M1 scores (None where it leaves one out; see :func:`saealign.steering.directions.topic_direction`)."""
+    if spec.output_match and match is None:
+        raise SaealignError("output_match needs each topic's output match: steer through Aligner.generate, or "
+                            "with output_match=False")
+    out = torch.as_tensor(basis.output_scores) if spec.output_scores else None
+    return out, _contrast(topic, spec), torch.as_tensor(match) if spec.output_match and match is not None else None
 
 
 def _topic_contrast(topic: TopicScores, option: str) -> np.ndarray:
@@ -212,11 +220,12 @@ def make_hook(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], per_row
               strengths: list[float], max_act: Tensor | None,
               basis: SteeringBasis | None = None, reference: np.ndarray | None = None,
               matches: dict[int, np.ndarray] | None = None,
-              shifts: dict[int, Tensor] | None = None) -> SteeringHook | None:
+              units: dict[int, Tensor] | None = None) -> SteeringHook | None:
     """The hook that steers (and measures) the batch; None when nothing is edited or measured.
 
     ``reference`` (the contrast's reference mean) is needed by the topic feedback (``spec.feedback``), ``matches``
-    (each topic's output match) by ``spec.output_match``, ``shifts`` (each topic's mean shift) by ``diffmean``."""
+    (each topic's output match) by ``spec.output_match``, ``units`` (each topic's mean shift) by ``diffmean`` and (each
+    topic's tuned direction) by ``spec.tune_steps``."""
     device = sae.W_enc.device
     if not topics:
         if spec.method == "sae":  # nothing to measure without a topic, but the SAE still edits
@@ -228,7 +237,7 @@ def make_hook(sae: SAE, spec: GenerationSpec, topics: list[TopicScores], per_row
     if spec.method in ADDITIVE:
         if basis is None:
             raise SaealignError(f"{spec.method} needs the steering basis of this model and SAE (output scores)")
-        direction = directions_for(sae, spec, topics, per_row, strengths, basis, matches, shifts)
+        direction = directions_for(sae, spec, topics, per_row, strengths, basis, matches, units)
         if scores.dim() == 1:
             scores = scores.expand(len(per_row), -1).contiguous()
         return SteeringHook(sae, steering(spec, 1.0), scores, max_act, direction=direction,

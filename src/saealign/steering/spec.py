@@ -72,6 +72,11 @@ COMPANION_PUSH_MAX = 8.0
 """The largest companion push (times the main layer's); the companion's own push also stays within the method's
 strength range."""
 
+DEFAULT_TUNE_STEPS: dict[str, int] = {"add": 0}
+"""What ``tune_steps=None`` means (:attr:`GenerationSpec.tune_steps`): how many steps tune ``add``'s latent mix on
+the topic texts (:mod:`saealign.steering.tuning`); every other method has nothing to tune."""
+TUNE_STEPS_MAX = 200
+
 STRENGTH_RANGE: dict[str, tuple[float, float]] = {
     "swap": (0.0, 8.0),
     "weight": (0.0, 8.0),
@@ -168,6 +173,13 @@ class GenerationSpec:
     strength); None = :data:`DEFAULT_COMPANION_PUSH` where the aligner has companion layers, else 0 (resolved by the
     aligner)."""
 
+    tune_steps: int | None = None
+    """``add``: tune the mix of the topic's latents (each layer's weights, never the model) for this many Adam steps so
+    that the pushed model finds the topic texts likely (:mod:`saealign.steering.tuning`; once per topic texts and
+    strength, cached on disk); 0 = the weights as the latents' statistics give them; None =
+    :data:`DEFAULT_TUNE_STEPS`. With ``strength="auto"`` the search runs on the untuned mix and the mix is then
+    tuned at the strength it chose."""
+
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise SaealignError(f"unknown steering method {self.method!r}: use one of {', '.join(METHODS)}")
@@ -211,6 +223,14 @@ class GenerationSpec:
             if push * boost * COMPANION_MAIN_SHARE * companion > high:
                 raise SaealignError(f"strength {self.strength} x companion_push {companion:g} pushes the companion layer "
                                     f"past {self.method}'s largest strength ({high:g}): lower one of them")
+
+        steps = DEFAULT_TUNE_STEPS.get(self.method, 0) if self.tune_steps is None else self.tune_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= TUNE_STEPS_MAX:
+            raise SaealignError(f"tune_steps must be a whole number from 0 to {TUNE_STEPS_MAX}, got {steps!r}")
+        if steps and self.method != "add":
+            raise SaealignError(f"tune_steps tunes add's mix of latents; {self.method} has none: steer with "
+                                "method add, or tune_steps=0")
+        object.__setattr__(self, "tune_steps", steps)
 
     @property
     def needs_topic(self) -> bool:
