@@ -47,6 +47,7 @@ def paired(tiny_lm: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_zero_steps_give_the_starting_mix_back_and_the_unpushed_loss_is_the_models(tiny_lm: LoadedModel) -> None:
     layers = _layers(tiny_lm)
     ids, mask, pushed = tuning.topic_batch(tiny_lm.tokenizer, TEXTS, set(tiny_lm.tokenizer.all_special_ids))
+    hooks = [dict(layer.block._forward_hooks) for layer in layers]
     weights, losses = tuning.tune_weights(tiny_lm.model, layers, ids, mask, pushed, 0)
     for w, layer in zip(weights, layers, strict=True):
         assert torch.allclose(w, layer.weights / layer.weights.max(), atol=1e-6)
@@ -54,7 +55,7 @@ def test_zero_steps_give_the_starting_mix_back_and_the_unpushed_loss_is_the_mode
     # the pushed loss differs from the unpushed one (the push is applied), and no hook is left behind
     unpushed = float(tuning.topic_loss(tiny_lm.model, ids, mask))
     assert abs(losses[0] - unpushed) > 1e-3
-    assert all(not layer.block._forward_hooks for layer in layers)
+    assert [dict(layer.block._forward_hooks) for layer in layers] == hooks
 
 
 def test_topic_loss_averages_each_texts_mean_token_loss(tiny_lm: LoadedModel) -> None:
