@@ -166,6 +166,18 @@ def test_a_topic_pushed_at_strength_zero_is_not_tuned_and_gets_no_push(paired: A
     assert not paired._tuned
 
 
+def test_auto_searches_the_untuned_mix_then_tunes_at_the_strength_it_chose(paired: Aligner) -> None:
+    topic = _topic(paired.sae)
+    spec = Spec("add", strength="auto", tune_steps=2)
+    plan = paired._plan(["the cat", "a dog"], topic, spec, 0, None, None)
+    chosen = paired.auto_strength(paired.with_contrast(topic), spec).strength
+    assert plan.strengths == [chosen, chosen] and chosen > 0  # the tiny stack's search finds a strength
+    main = chosen * COMPANION_MAIN_SHARE
+    units = paired.tuned_directions(paired.with_contrast(topic), main, spec)
+    assert plan.hook is not None and plan.hook.direction is not None
+    assert torch.allclose(plan.hook.direction[0], units[1] * (main * paired.steering_basis().residual_norm), atol=1e-5)
+
+
 def test_bad_tuning_requests_get_one_error_line(paired: Aligner, tiny_lm: LoadedModel) -> None:
     with pytest.raises(SaealignError, match="tune_steps tunes add's mix"):
         Spec("swap", tune_steps=3)

@@ -287,7 +287,8 @@ def choose_strength(aligner: Aligner, topic: TopicScores, spec: GenerationSpec,
     # give every candidate the same random stream, so candidates differ only by their strength.
     n = len(probe.prompts)
     search = GenerationSpec(**{**spec.to_json(), "strength": "auto", "max_new_tokens": cfg.max_new_tokens,
-                               "top_k": cfg.top_k, "greedy": False, "chat": False, "temperature": 1.0})
+                               "top_k": cfg.top_k, "greedy": False, "chat": False, "temperature": 1.0,
+                               "tune_steps": 0})  # the untuned mix: tuning every candidate would cost minutes
     gens = aligner.generate(probe.prompts * len(candidates), topic, search, seed=cfg.seed,
                             strength_per_row=[s for s in candidates for _ in range(n)])
     all_nlls = probe.nlls(aligner, gens)
