@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from saealign.cache import hash_json
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
+from saealign.residual_stream import right_pad
 
 Method = Literal["full", "lora"]
 _DEFAULT_LR: dict[str, float] = {"full": 5e-5, "lora": 2e-4}
@@ -119,12 +120,7 @@ def _encode(tokenizer: Any, texts: list[str], max_length: int) -> list[list[int]
 
 def _batch(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Right-padded ``input_ids, attention_mask, labels`` ``[b, s]``; labels are -100 on padding."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
+    ids, mask = right_pad(rows, pad_id)
     # Labels from the mask, not from ``ids == pad_id``: the pad id may be EOS, which real text can contain.
     labels = ids.masked_fill(mask == 0, -100)
     return ids.to(device), mask.to(device), labels.to(device)
