@@ -63,5 +63,22 @@ def test_columns_only_where_every_cell_kept_its_texts() -> None:
     cols = ppl_interval_columns(row, base, 4)
     assert set(cols) == {"ppl_ratio_low", "ppl_ratio_high"} and cols["ppl_ratio_low"] < cols["ppl_ratio_high"]
     assert ppl_interval_columns([([], [])] * 2, base, 4) == {} and ppl_interval_columns(row, base, None) == {}
-    with pytest.raises(ValueError, match="whole number of seeds"):
+    with pytest.raises(ValueError, match="whole numbers of seeds"):
         ppl_ratio_interval(row, base, n_openers=3)
+
+
+def test_an_unsteered_row_on_more_seeds_is_redrawn_over_its_own() -> None:
+    # the unsteered row on 4 seeds where the row has 1: still exact when nothing varies within an opener...
+    row = [([2.0, 3.0], [10, 10])]
+    base = [([1.0, 4.0] * 4, [10, 12] * 4)]
+    low, high = ppl_ratio_interval(row, base, n_openers=2, resamples=50)
+    assert low == pytest.approx(_point(row, base), rel=1e-12) and high == pytest.approx(low, rel=1e-12)
+    # ...and a denominator on 8x the seeds narrows an interval that only the denominator widens
+    rng = np.random.default_rng(3)
+    few, many = _cells(rng, 1, 4, 8, 0.5)[0], _cells(rng, 1, 32, 8, 0.5)[0]
+    exact = [([2.3 * t for t in few[1]], list(few[1]))]
+    narrow = ppl_ratio_interval(exact, [many], n_openers=8)
+    wide = ppl_ratio_interval(exact, [few], n_openers=8)
+    assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 2
+    with pytest.raises(ValueError, match="whole numbers of seeds"):
+        ppl_ratio_interval(exact, [(many[0][:-1], many[1][:-1])], n_openers=8)

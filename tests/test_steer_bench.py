@@ -13,7 +13,13 @@ from click.testing import CliRunner
 import saealign.cli.app as cli
 from conftest import TinyLoader, build_tiny_index, make_sae, make_texts
 from saealign.evaluate.bench_topics import BenchTopic, load_bench_topics
-from saealign.evaluate.steer_bench import BenchCondition, BenchConfig, default_conditions, run_steer_bench
+from saealign.evaluate.steer_bench import (
+    BenchCondition,
+    BenchConfig,
+    bench_openers,
+    default_conditions,
+    run_steer_bench,
+)
 from saealign.evaluate.steer_bench_table import MAIN_ROWS, main_conditions, named_conditions
 from saealign.evaluate.topic_classifier import TopicClassifier
 from saealign.models import LoadedModel
@@ -79,12 +85,27 @@ def test_bench_identities_on_a_tiny_stack(tiny_lm: LoadedModel, sae: SAE, index,
                   BenchCondition("prompting", Spec("none"), prompting=True),
                   BenchCondition("add 1", Spec("add", strength=1))]
     cfg = BenchConfig(n_openers=3, seeds=(0, 1), max_new_tokens=6, batch=7)
+    unsteered_rows: list[str] = []
+    generate = aligner.generate
+
+    def counting(prompts, topic=None, spec=None, **kw):  # noqa: ANN001, ANN003, ANN202
+        if spec is not None and spec.method == "none":
+            unsteered_rows.extend(prompts)
+        return generate(prompts, topic, spec, **kw)
+
+    monkeypatch.setattr(aligner, "generate", counting)
     result = run_steer_bench(aligner, tiny_lm, topics, conditions, cfg, classifier, log=lambda _: None)
+    # the unsteered row is the same for every topic: generated once (3 openers x 2 seeds), prompting once per topic
+    # (the aligner's own unsteered text, for the activation contrast, is generated from other prompts)
+    openers = bench_openers(3)
+    assert len([p for p in unsteered_rows if p in openers]) == 6
+    assert len([p for p in unsteered_rows if p.startswith("The following") and p.split("\n\n")[-1] in openers]) == 6 * len(topics)
     rows = {r["condition"]: r for r in result["rows"]}
     assert list(rows) == ["none", "add 0", "prompting", "add 1"]
     assert rows["none"]["ppl_ratio"] == 1.0 and rows["none"]["distinct2_ratio"] == 1.0
     # strength 0 adds nothing: the very same texts, hence the same hit rate and perplexity
     none_cells = [c for c in result["cells"] if c["condition"] == "none"]
+    assert len(none_cells) == len(topics) and all(c["nll_per_text"] == none_cells[0]["nll_per_text"] for c in none_cells)
     zero_cells = [c for c in result["cells"] if c["condition"] == "add 0"]
     assert [c["samples"] for c in zero_cells] == [c["samples"] for c in none_cells]
     assert rows["add 0"]["hit_rate"] == rows["none"]["hit_rate"] and rows["add 0"]["ppl_ratio"] == pytest.approx(1.0)
@@ -121,11 +142,17 @@ def test_cli_main_rows_run_the_four_rows_the_targets_read(tiny_lm: LoadedModel, 
     data, out = write_clinc(tmp_path / "data", per_topic=180), tmp_path / "out"
     loader = TinyLoader(tiny_lm, sae, index, AutoStrengthConfig(n_prompts=2, max_new_tokens=4))
     result = CliRunner().invoke(cli.main, ["eval", "steer-bench", "--rows", "main", "--groups", "clinc", "--openers", "2",
-                                           "--seeds", "3", "--max-new-tokens", "4", "--layer", "0", "--data", str(data),
-                                           "--out", str(out)], obj=loader)
+                                           "--seeds", "3", "--unsteered-seeds", "3,4,5", "--max-new-tokens", "4",
+                                           "--layer", "0", "--data", str(data), "--out", str(out)], obj=loader)
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     saved = json.loads((out / "steer_bench.json").read_text())
     assert [r["condition"] for r in saved["summary"]] == [c.label for c in main_conditions()]
+    # the unsteered row on its own three seeds (2 openers each), the steered rows on --seeds alone
+    for c in saved["cells"]:
+        n = 6 if c["condition"] == "none" else 2
+        assert len(c["hit_rate_per_seed"]) == n // 2 and len(c["nll_per_text"]) == n
+    assert saved["config"]["unsteered_seeds"] == [3, 4, 5] and "the unsteered row: 3 seeds" in (out / "steer_bench.md").read_text()
+    assert all(r["ppl_ratio_low"] <= r["ppl_ratio_high"] for r in saved["summary"])
     assert [c.label for c in main_conditions()][:3] == ["none", "prompting", "prompting + default"]
     assert main_conditions()[3].spec == Spec() and not main_conditions()[3].prompting  # the default itself
     assert saved["config"]["seeds"] == [3] and saved["config"]["n_openers"] == 2
@@ -134,7 +161,8 @@ def test_cli_main_rows_run_the_four_rows_the_targets_read(tiny_lm: LoadedModel, 
 def test_bad_input_is_one_line(tmp_path: Path) -> None:
     for args, needle in ((["--groups", "wordnet"], "unknown --groups"), (["--openers", "40"], "--openers"),
                          (["--rows", "none,nonsense"], "no benchmark row is called 'nonsense'"),
-                         (["--rows", " , "], "--rows is empty")):
+                         (["--rows", " , "], "--rows is empty"),
+                         (["--unsteered-seeds", "1,x"], "--unsteered-seeds takes integers")):
         result = CliRunner().invoke(cli.main, ["eval", "steer-bench", *args, "--data", str(tmp_path)])
         assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
         lines = [x for x in result.output.strip().splitlines() if x.strip()]

@@ -174,3 +174,24 @@ def test_pooled_cells_keep_every_continuation_and_the_rows_get_an_interval() -> 
     add = next(r for r in pooled["rows"] if r["condition"] == "add")
     assert add["ppl_ratio_low"] <= add["ppl_ratio_high"]
     assert "ppl_ratio_low" not in pool_runs([run([0], 1.0)])["rows"][1]  # runs without them: no interval
+
+
+def test_an_unsteered_row_on_more_seeds_pools_by_its_own_continuations() -> None:
+    first, second = run([0, 1], 1.0), run([2], 1.0)
+    first["config"]["unsteered_seeds"] = [0, 1, 5, 6]
+    for c in first["cells"]:
+        if c["condition"] == "none":  # four seeds: twice the continuations, the same per-token figures
+            c.update(hit_rate_per_seed=c["hit_rate_per_seed"] * 2, nll=c["nll"] * 2, tokens=c["tokens"] * 2)
+    pooled = pool_runs([first, second])
+    none_a = next(c for c in pooled["cells"] if c["condition"] == "none" and c["topic"] == "a")
+    assert none_a["continuations"] == 4 * 4 + 4 * 1 and none_a["hits"] == 5
+    add_a = next(c for c in pooled["cells"] if c["condition"] == "add" and c["topic"] == "a")
+    assert add_a["continuations"] == 4 * 2 + 4 * 1
+    clash = run([3], 1.0)
+    clash["config"]["unsteered_seeds"] = [5]  # seed 5 of the unsteered row is in the first run too
+    with pytest.raises(SaealignError, match=r"seed\(s\) \[5\]"):
+        pool_runs([first, clash])
+    other = copy.deepcopy(first)
+    other["config"]["unsteered_seeds"] = [0, 1]
+    with pytest.raises(SaealignError, match="differ in unsteered_seeds"):
+        join_runs([first, other])

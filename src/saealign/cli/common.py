@@ -43,11 +43,11 @@ def parse_layers(value: str) -> tuple[int, ...]:
         raise click.BadParameter(f"{value!r}: give layers as integers separated by commas, e.g. 6,15") from None
 
 
-def parse_seeds(text: str) -> tuple[int, ...]:
+def parse_seeds(text: str, option: str = "--seeds") -> tuple[int, ...]:
     try:
         return tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise SaealignError("--seeds takes integers separated by commas (e.g. 0,1,2)") from None
+        raise SaealignError(f"{option} takes integers separated by commas (e.g. 0,1,2)") from None
 
 
 def parse_strengths(text: str, method: str = "swap") -> tuple[float | str, ...]:

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 @click.option("--groups", default="", help="topic groups (mmlu, clinc, amazon; default all)")
 @click.option("--openers", default=16, show_default=True, help="neutral openers continued per topic")
 @click.option("--seeds", default="0,1", show_default=True)
+@click.option("--unsteered-seeds", default="", help="seeds of the unsteered row, the denominator of every perplexity "
+                                                    "ratio (default: --seeds); more of them steady every ratio")
 @click.option("--max-new-tokens", default=48, show_default=True)
 @click.option("--rows", default="all", show_default=True,
               help="all; main: only none, prompting, prompting + default and the default (a quarter of the time); "
@@ -29,8 +31,8 @@ if TYPE_CHECKING:
 @data_option
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/steer_bench"), show_default=True)
 @friendly
-def steer_bench_cmd(layer: int, judge: str, groups: str, openers: int, seeds: str, max_new_tokens: int, rows: str,
-                    quick: bool, data: Path | None, out: Path) -> None:
+def steer_bench_cmd(layer: int, judge: str, groups: str, openers: int, seeds: str, unsteered_seeds: str,
+                    max_new_tokens: int, rows: str, quick: bool, data: Path | None, out: Path) -> None:
     """Steer 12 topics (MMLU, CLINC150, Amazon groups) with every method; hit rate by an independent classifier.
 
     Example: saealign eval steer-bench --out reports/steer_bench
@@ -53,8 +55,9 @@ def steer_bench_cmd(layer: int, judge: str, groups: str, openers: int, seeds: st
     if quick:
         opts = quick_options(layer, judge)
     else:
-        opts = SteerBenchOptions(layer, judge, chosen, config=BenchConfig(openers, parse_seeds(seeds), max_new_tokens),
-                                 conditions=_rows(rows))
+        base = parse_seeds(unsteered_seeds, "--unsteered-seeds") if unsteered_seeds.strip() else None
+        opts = SteerBenchOptions(layer, judge, chosen, conditions=_rows(rows),
+                                 config=BenchConfig(openers, parse_seeds(seeds), max_new_tokens, unsteered_seeds=base))
     if chosen:
         opts = replace(opts, groups=chosen)
     md = write_table(out, steer_bench_table(bench, opts))

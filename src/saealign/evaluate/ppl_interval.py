@@ -31,21 +31,24 @@ def ppl_ratio_interval(row: Sequence[tuple[Sequence[float], Sequence[int]]],
     """``(low, high)`` of the geometric-mean perplexity ratio of ``row`` over ``base``, topic by topic.
 
     ``row[t]`` and ``base[t]`` are topic t's per-continuation judge NLL (nats) and token counts, in the benchmark's
-    order (seeds outer, openers inner), all of one length, a whole number of seeds x ``n_openers``."""
+    order (seeds outer, openers inner), each a whole number of seeds x ``n_openers`` (the unsteered row may be sampled
+    on more seeds than the row: each is redrawn over its own)."""
     if not row or len(row) != len(base):
         raise ValueError("one (nll, tokens) pair per topic, for the row and the unsteered row alike")
     nll = np.array([r[0] for r in row], dtype=np.float64)
     tok = np.array([r[1] for r in row], dtype=np.float64)
     base_nll = np.array([b[0] for b in base], dtype=np.float64)
     base_tok = np.array([b[1] for b in base], dtype=np.float64)
-    n_texts = nll.shape[1]
-    if n_openers < 1 or n_texts % n_openers or base_nll.shape != nll.shape or tok.shape != nll.shape:
-        raise ValueError(f"{n_texts} continuations per topic is not a whole number of seeds x {n_openers} openers")
+    n_texts, n_base = nll.shape[1], base_nll.shape[1]
+    if (n_openers < 1 or n_texts % n_openers or n_base % n_openers or tok.shape != nll.shape
+            or base_tok.shape != base_nll.shape or base_nll.shape[0] != nll.shape[0]):
+        raise ValueError(f"{n_texts} and {n_base} continuations per topic are not whole numbers of seeds x {n_openers} "
+                         "openers")
     rng = np.random.default_rng(seed)
     logs = np.empty(resamples)
     topics = np.arange(nll.shape[0])[:, None]
     for r in range(resamples):
-        shared = _draw(rng, n_texts, n_openers)
+        shared = _draw(rng, n_base, n_openers)
         own = np.stack([_draw(rng, n_texts, n_openers) for _ in range(nll.shape[0])])
         log_row = nll[topics, own].sum(1) / tok[topics, own].sum(1)
         log_base = base_nll[:, shared].sum(1) / base_tok[:, shared].sum(1)
@@ -60,7 +63,7 @@ def ppl_interval_columns(row: Sequence[tuple[Sequence[float], Sequence[int]]], b
     """``ppl_ratio_low`` / ``ppl_ratio_high`` (95 %) where every cell of the row and of ``none`` has its
     per-continuation NLLs (runs before they were kept have none: no columns)."""
     if (not n_openers or not row or len(base) != len(row)
-            or not all(r[0] and len(r[0]) == len(b[0]) for r, b in zip(row, base, strict=True))):
+            or not all(r[0] and b[0] for r, b in zip(row, base, strict=True))):
         return {}
     low, high = ppl_ratio_interval(row, base, n_openers)
     return {"ppl_ratio_low": low, "ppl_ratio_high": high}

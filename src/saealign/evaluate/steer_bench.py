@@ -48,6 +48,12 @@ class BenchCondition:
     prompting: bool = False
 
 
+def shared_by_topics(cond: BenchCondition) -> bool:
+    """Whether a condition's continuations are the same for every topic (unsteered, no instruction): generated and
+    judged once, then classified within each topic's group (it used to be generated and judged once per topic)."""
+    return cond.spec.method == "none" and not cond.prompting
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     n_openers: int = 16
@@ -55,6 +61,15 @@ class BenchConfig:
     max_new_tokens: int = 48
     top_k: int = 5
     batch: int = 64
+    unsteered_seeds: tuple[int, ...] | None = None
+    """The seeds the unsteered row is sampled on (None: ``seeds``). That row is one sample in the denominator of every
+    topic's perplexity ratio, so its draw moves all the ratios of a run together (± 1.6 % between 4-seed runs,
+    docs/results.md, run 10); sampled on more seeds it steadies every ratio, at a twelfth of a steered row's cost per
+    seed (it is generated once for all topics)."""
+
+    def seeds_of(self, cond: BenchCondition) -> tuple[int, ...]:
+        """The seeds ``cond`` is sampled on: :attr:`unsteered_seeds` for the unsteered row, else :attr:`seeds`."""
+        return (self.unsteered_seeds or self.seeds) if shared_by_topics(cond) else self.seeds
 
 
 def bench_openers(n: int) -> list[str]:
@@ -148,9 +163,12 @@ class Cell:
 
 def _generate(aligner: Aligner, cond: BenchCondition, topics: list[BenchTopic], scores: list[TopicScores],
               openers: list[str], cfg: BenchConfig, bar: Any) -> list[list[Generation]]:
-    """Per topic, the generations of every opener x seed (rows of several topics share a batch)."""
+    """Per topic, the generations of every opener x seed (rows of several topics share a batch; a condition
+    :func:`shared_by_topics` is generated once and the same list given to every topic)."""
     spec = GenerationSpec(**{**cond.spec.to_json(), "max_new_tokens": cfg.max_new_tokens, "top_k": cfg.top_k})
-    rows = [(t, o, s) for t in range(len(topics)) for s in cfg.seeds for o in range(len(openers))]
+    seeds = cfg.seeds_of(cond)
+    shared = shared_by_topics(cond)
+    rows = [(t, o, s) for t in range(1 if shared else len(topics)) for s in seeds for o in range(len(openers))]
     out: list[list[Generation]] = [[] for _ in topics]
     for b in range(0, len(rows), cfg.batch):
         chunk = rows[b:b + cfg.batch]
@@ -165,7 +183,7 @@ def _generate(aligner: Aligner, cond: BenchCondition, topics: list[BenchTopic], 
         for (t, _, _), g in zip(chunk, gens, strict=True):
             out[t].append(g)
         bar.update(len(chunk))
-    return out
+    return [out[0] for _ in topics] if shared else out
 
 
 def run_steer_bench(aligner: Aligner, judge: LoadedModel, topics: list[BenchTopic],
@@ -189,18 +207,20 @@ def run_steer_bench(aligner: Aligner, judge: LoadedModel, topics: list[BenchTopi
     topic_emb = [aligner.embedder.embed(t.align) for t in topics]
     cells: list[Cell] = []
     timings: dict[str, float] = {}
-    total = len(conditions) * len(topics) * len(openers) * len(cfg.seeds)
+    total = sum((1 if shared_by_topics(c) else len(topics)) * len(openers) * len(cfg.seeds_of(c)) for c in conditions)
     bar = tqdm(total=total, desc="steer-bench", unit="gen")
     for cond in conditions:
         t0 = time.perf_counter()
         per_topic = _generate(aligner, cond, topics, scores, openers, cfg, bar)
+        seeds = cfg.seeds_of(cond)
+        judged = [o for _ in seeds for o in openers]
+        shared_nll = continuation_nll(judge, judged, [g.text for g in per_topic[0]]) if shared_by_topics(cond) else None
         for topic, gens, emb in zip(topics, per_topic, topic_emb, strict=True):
             texts = [g.text for g in gens]
-            judged = [o for _ in cfg.seeds for o in openers]
-            nll = continuation_nll(judge, judged, texts)
+            nll = shared_nll or continuation_nll(judge, judged, texts)
             predicted = classifier.predict(texts, topic.group)
             hits = np.array([p == topic.name for p in predicted], dtype=float)
-            per_seed = [float(h.mean()) for h in np.split(hits, len(cfg.seeds))]
+            per_seed = [float(h.mean()) for h in np.split(hits, len(seeds))]
             cells.append(Cell(cond.label, topic.name, topic.group, float(hits.mean()), per_seed,
                               sum(x for x, _ in nll), sum(c for _, c in nll), distinct_n(texts, 2),
                               float(topic_distance(aligner.embedder, texts, emb).mean()),

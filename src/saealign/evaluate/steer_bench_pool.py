@@ -56,7 +56,8 @@ def pool_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if not runs:
         raise SaealignError("nothing to pool: give at least one steer-bench run")
     seeds = [int(s) for run in runs for s in run["config"]["seeds"]]
-    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    unsteered = [int(s) for run in runs for s in run["config"].get("unsteered_seeds") or run["config"]["seeds"]]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1} | {s for s in unsteered if unsteered.count(s) > 1})
     if repeated:
         raise SaealignError(f"seed(s) {repeated} appear in more than one run: pooling would count them twice")
     for key in MATCHED_CONFIG:
@@ -85,8 +86,9 @@ def join_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     the runs did not measure the same thing."""
     if not runs:
         raise SaealignError("nothing to join: give at least one steer-bench run")
-    for key in (*MATCHED_CONFIG, "seeds"):
-        values = {json.dumps(run["config"].get(key)) for run in runs}
+    for key in (*MATCHED_CONFIG, "seeds", "unsteered_seeds"):
+        values = {json.dumps(run["config"].get(key) or (run["config"]["seeds"] if key == "unsteered_seeds" else None))
+                  for run in runs}
         if len(values) > 1:
             raise SaealignError(f"the runs differ in {key} ({', '.join(sorted(values))}): only runs on the same seeds "
                                 "join (pool runs on different seeds instead)")
@@ -107,8 +109,9 @@ def join_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"cells": list(cells.values()), "config": runs[0]["config"], "conditions": list(conditions.values())}
 
 
-def _continuations(run: dict[str, Any]) -> int:
-    return int(run["config"]["n_openers"]) * len(run["config"]["seeds"])
+def _continuations(run: dict[str, Any], cell: dict[str, Any]) -> int:
+    """How many continuations ``cell`` read: openers x the seeds it was sampled on (the unsteered row may have more)."""
+    return int(run["config"]["n_openers"]) * len(cell["hit_rate_per_seed"])
 
 
 def _pool_cell(runs: list[dict[str, Any]], label: str, topic: str) -> dict[str, Any]:
@@ -118,7 +121,7 @@ def _pool_cell(runs: list[dict[str, Any]], label: str, topic: str) -> dict[str, 
         base = [c for c in run["cells"] if c["condition"] == "none" and c["topic"] == topic]
         if len(mine) != 1 or len(base) != 1:
             raise SaealignError(f"a run lacks the cell ({label!r}, {topic!r}) or holds it twice: it cannot pool")
-        found.append((mine[0], base[0], _continuations(run)))
+        found.append((mine[0], base[0], _continuations(run, mine[0])))
     n = sum(k for _, _, k in found)
     hits = sum(c["hit_rate"] * k for c, _, k in found)
     d2 = [c["distinct2"] / b["distinct2"] for c, b, _ in found if b["distinct2"]]

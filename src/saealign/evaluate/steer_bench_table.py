@@ -85,8 +85,9 @@ def steer_bench_table(bench: Workbench, opts: SteerBenchOptions) -> Table:
     prompting = next((r["hit_rate"] for r in result["rows"] if r["condition"] == "prompting"), float("nan"))
     cfg = opts.config
     note = (f"{len(topics)} topics ({', '.join(sorted({t.group for t in topics}))}), {opts.n_align} alignment texts each; "
-            f"{cfg.n_openers} neutral openers x {len(cfg.seeds)} seeds x {cfg.max_new_tokens} tokens, top-{cfg.top_k} "
-            f"sampling; layer {opts.layer}. hit_rate: share classified as the steered topic within its group by "
+            f"{cfg.n_openers} neutral openers x {len(cfg.seeds)} seeds x {cfg.max_new_tokens} tokens"
+            + (f" (the unsteered row: {len(cfg.unsteered_seeds)} seeds)" if cfg.unsteered_seeds else "")
+            + f", top-{cfg.top_k} sampling; layer {opts.layer}. hit_rate: share classified as the steered topic within its group by "
             f"a logistic-regression classifier on MiniLM embeddings trained on held-out texts (accuracy "
             + ", ".join(f"{g} {a:.2f}" for g, a in result["classifier"].items())
             + f"); ppl_ratio: {opts.judge} perplexity of the continuation given the opener, over unsteered "
