@@ -14,11 +14,14 @@ import saealign.cli.app as cli
 from conftest import TinyLoader, build_tiny_index, make_sae, make_texts
 from saealign.evaluate.bench_topics import BenchTopic, load_bench_topics
 from saealign.evaluate.steer_bench import (
+    EXAMPLES_IN_PROMPT,
+    INSTRUCTION,
     BenchCondition,
     BenchConfig,
     bench_openers,
     default_conditions,
     run_steer_bench,
+    shared_by_topics,
 )
 from saealign.evaluate.steer_bench_table import MAIN_ROWS, main_conditions, named_conditions
 from saealign.evaluate.topic_classifier import TopicClassifier
@@ -83,7 +86,7 @@ def test_bench_identities_on_a_tiny_stack(tiny_lm: LoadedModel, sae: SAE, index,
     assert set(classifier.groups) == {"clinc"} and 0 <= classifier.groups["clinc"].accuracy <= 1
     conditions = [BenchCondition("none", Spec("none")), BenchCondition("add 0", Spec("add", strength=0)),
                   BenchCondition("prompting", Spec("none"), prompting=True),
-                  BenchCondition("add 1", Spec("add", strength=1))]
+                  BenchCondition("add 1", Spec("add", strength=1)), BenchCondition("shots", Spec("none"), examples=2)]
     cfg = BenchConfig(n_openers=3, seeds=(0, 1), max_new_tokens=6, batch=7)
     unsteered_rows: list[str] = []
     generate = aligner.generate
@@ -101,7 +104,10 @@ def test_bench_identities_on_a_tiny_stack(tiny_lm: LoadedModel, sae: SAE, index,
     assert len([p for p in unsteered_rows if p in openers]) == 6
     assert len([p for p in unsteered_rows if p.startswith("The following") and p.split("\n\n")[-1] in openers]) == 6 * len(topics)
     rows = {r["condition"]: r for r in result["rows"]}
-    assert list(rows) == ["none", "add 0", "prompting", "add 1"]
+    assert list(rows) == ["none", "add 0", "prompting", "add 1", "shots"]
+    # the few-shot row: each topic's first two alignment texts before every opener, once per topic
+    for t in topics:
+        assert len([p for p in unsteered_rows if p.startswith(f"{t.align[0]}\n\n{t.align[1]}\n\n")]) == 6
     assert rows["none"]["ppl_ratio"] == 1.0 and rows["none"]["distinct2_ratio"] == 1.0
     # strength 0 adds nothing: the very same texts, hence the same hit rate and perplexity
     none_cells = [c for c in result["cells"] if c["condition"] == "none"]
@@ -182,8 +188,9 @@ def test_default_rows_compare_the_boosted_default_with_the_constant_push() -> No
     assert rows["add 0.35 with feedback"].spec == Spec(feedback=True)  # the feedback's own strength and boost
     assert rows["add 0.2 prompt x4 without output match"].spec == Spec(strength=0.2, prompt_boost=4, output_match=False)
     assert not any("output match" in c.label for c in default_conditions(Spec(output_match=False)))
-    assert [c.label for c in default_conditions(Spec("add", strength=0.25, prompt_boost=1))][3:7] == [
-        "default (add 0.25)", "add 0.225", "add 0.275", "add 0.25 one layer"]
+    assert [c.label for c in default_conditions(Spec("add", strength=0.25, prompt_boost=1))][3:9] == [
+        "default (add 0.25)", "examples in prompt", "examples in prompt + default", "add 0.225", "add 0.275",
+        "add 0.25 one layer"]
     assert {c.label: c for c in default_conditions()}["add 0.15 one layer"].spec == Spec(companion_push=0)
     assert len(default_conditions(Spec(companion_push=0))) == len(default_conditions()) - 1  # no second one-layer row
     assert {c.label for c in default_conditions(Spec(companion_push=2))} >= {"default (add 0.15 companion x2)",
@@ -199,3 +206,13 @@ def test_named_rows_come_in_the_benchmarks_order() -> None:
     assert [c.label for c in picked] == ["none", "default (add 0.15)", "diffmean 0.15"]
     assert picked[1].spec == Spec() and picked[2].spec == Spec("diffmean")
     assert named_conditions(list(MAIN_ROWS)) == main_conditions()
+
+
+def test_the_few_shot_peer_puts_the_first_alignment_texts_before_the_opener(topics: list[BenchTopic]) -> None:
+    rows = {c.label: c for c in default_conditions()}
+    shots, both = rows["examples in prompt"], rows["examples in prompt + default"]
+    assert shots.spec == Spec("none") and both.spec == Spec() and shots.examples == both.examples == EXAMPLES_IN_PROMPT
+    banking = topics[0]
+    assert shots.prefix(banking) == "\n\n".join(banking.align[:EXAMPLES_IN_PROMPT]) + "\n\n"
+    assert rows["prompting"].prefix(banking) == INSTRUCTION.format(title=banking.title) and rows["none"].prefix(banking) == ""
+    assert not shared_by_topics(shots) and shared_by_topics(rows["none"]) and not shared_by_topics(rows["prompting"])

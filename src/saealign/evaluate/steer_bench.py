@@ -41,17 +41,30 @@ OPENERS = Path(__file__).resolve().parent.parent / "data" / "bench_openers.txt"
 INSTRUCTION = "The following text is about {title}.\n\n"
 
 
+EXAMPLES_IN_PROMPT = 4
+"""How many of a topic's alignment texts the few-shot peer puts before the opener (the first ones, blank-line separated)."""
+
+
 @dataclass(frozen=True)
 class BenchCondition:
     label: str
     spec: GenerationSpec
     prompting: bool = False
+    """An instruction naming the topic before the opener (:data:`INSTRUCTION`)."""
+    examples: int = 0
+    """This many of the topic's alignment texts before the opener: few-shot prompting, the peer that reads what
+    saealign reads (example texts, no title)."""
+
+    def prefix(self, topic: BenchTopic) -> str:
+        """What this condition puts before every opener of ``topic``."""
+        shots = "".join(f"{text}\n\n" for text in topic.align[:self.examples])
+        return shots + (INSTRUCTION.format(title=topic.title) if self.prompting else "")
 
 
 def shared_by_topics(cond: BenchCondition) -> bool:
     """Whether a condition's continuations are the same for every topic (unsteered, no instruction): generated and
     judged once, then classified within each topic's group (it used to be generated and judged once per topic)."""
-    return cond.spec.method == "none" and not cond.prompting
+    return cond.spec.method == "none" and not cond.prompting and not cond.examples
 
 
 @dataclass(frozen=True)
@@ -98,7 +111,8 @@ NEIGHBOUR_STEP = 0.025
 
 
 def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondition]:
-    """none, prompting, prompting + the default, the default, its neighbours (strength ± :data:`NEIGHBOUR_STEP`, the
+    """none, prompting, prompting + the default, the default, few-shot prompting (:data:`EXAMPLES_IN_PROMPT` topic texts
+    before the opener) alone and with the default, the default's neighbours (strength ± :data:`NEIGHBOUR_STEP`, the
     constant push for a boosted default, the main layer alone where the default has a companion push, auto, the
     direction without the activation contrast and without the output match, the topic feedback, the same push along the
     SAE-free difference of means and along the tuned mix), the paper's Swap, and the hybrid swap_add. (The prompt boost, measured in run 5, is no longer a row: ``SteerBenchOptions.conditions`` can name it.)"""
@@ -106,7 +120,9 @@ def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondi
     out = [BenchCondition("none", GenerationSpec(method="none")),
            BenchCondition("prompting", GenerationSpec(method="none"), prompting=True),
            BenchCondition("prompting + default", default, prompting=True),
-           BenchCondition(f"default ({condition_name(default)})", default)]
+           BenchCondition(f"default ({condition_name(default)})", default),
+           BenchCondition("examples in prompt", GenerationSpec(method="none"), examples=EXAMPLES_IN_PROMPT),
+           BenchCondition("examples in prompt + default", default, examples=EXAMPLES_IN_PROMPT)]
     if default.method in ADDITIVE and not default.is_auto:
         s = float(default.strength)  # type: ignore[arg-type]
         near = [replace(default, strength=round(x, 4)) for x in (s - NEIGHBOUR_STEP, s + NEIGHBOUR_STEP) if x > 0]
@@ -172,8 +188,7 @@ def _generate(aligner: Aligner, cond: BenchCondition, topics: list[BenchTopic], 
     out: list[list[Generation]] = [[] for _ in topics]
     for b in range(0, len(rows), cfg.batch):
         chunk = rows[b:b + cfg.batch]
-        prompts = [(INSTRUCTION.format(title=topics[t].title) if cond.prompting else "") + openers[o]
-                   for t, o, _ in chunk]
+        prompts = [cond.prefix(topics[t]) + openers[o] for t, o, _ in chunk]
         if spec.method == "none":
             gens = aligner.generate(prompts, None, spec, seed=[s for _, _, s in chunk])
         else:
@@ -234,8 +249,9 @@ def run_steer_bench(aligner: Aligner, judge: LoadedModel, topics: list[BenchTopi
     auto = {t.name: s.extra.get("auto_strength", {}) for t, s in zip(topics, scores, strict=True)}
     return {"cells": [c.__dict__ | {"ppl": c.ppl} for c in cells], "rows": rows, "timings_s": timings,
             "classifier": {g: m.accuracy for g, m in classifier.groups.items()}, "auto_strength": auto,
-            "config": cfg.__dict__, "conditions": [{"label": c.label, "prompting": c.prompting,
-                                                    "spec": c.spec.to_json()} for c in conditions]}
+            "config": cfg.__dict__, "conditions": [{"label": c.label, "prompting": c.prompting, "spec": c.spec.to_json()}
+                                                   | ({"examples": c.examples} if c.examples else {})
+                                                   for c in conditions]}
 
 
 def summarise(cells: list[Cell], order: list[str], n_openers: int | None = None) -> list[dict[str, Any]]:
