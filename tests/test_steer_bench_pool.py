@@ -195,3 +195,14 @@ def test_an_unsteered_row_on_more_seeds_pools_by_its_own_continuations() -> None
     other["config"]["unsteered_seeds"] = [0, 1]
     with pytest.raises(SaealignError, match="differ in unsteered_seeds"):
         join_runs([first, other])
+
+
+def test_a_row_saved_before_a_setting_existed_pools_with_the_same_row_saved_after() -> None:
+    old, new = run([0, 1], 1.0), run([2], 1.0)
+    old["conditions"][1]["spec"] = {"method": "add", "strength": 0.15}
+    new["conditions"][1]["spec"] = {"method": "add", "strength": 0.15, "tune_steps": 0}  # the field's default
+    assert [r["condition"] for r in pool_runs([old, new])["rows"]] == ["none", "add"]
+    tuned = copy.deepcopy(new)
+    tuned["conditions"][1]["spec"]["tune_steps"] = 12
+    with pytest.raises(SaealignError, match="different settings"):
+        pool_runs([old, tuned])

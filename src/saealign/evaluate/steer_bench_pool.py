@@ -29,6 +29,7 @@ import numpy as np
 
 from saealign.errors import SaealignError
 from saealign.evaluate.ppl_interval import ppl_interval_columns
+from saealign.steering.spec import GenerationSpec
 
 MATCHED_CONFIG = ("n_openers", "max_new_tokens", "top_k")
 """What every pooled run must share (the seeds must differ instead)."""
@@ -64,7 +65,7 @@ def pool_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         values = {run["config"].get(key) for run in runs}
         if len(values) > 1:
             raise SaealignError(f"the runs differ in {key} ({sorted(values, key=str)}): only like runs pool")
-    specs = [{c["label"]: c for c in run["conditions"]} for run in runs]
+    specs = [{c["label"]: _settings(c) for c in run["conditions"]} for run in runs]
     labels = [label for label in specs[0] if all(label in s for s in specs)]
     for label in labels:
         if any(s[label] != specs[0][label] for s in specs[1:]):
@@ -97,7 +98,7 @@ def join_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     conditions: dict[str, dict[str, Any]] = {}
     cells: dict[tuple[str, str], dict[str, Any]] = {}
     for run in runs:
-        for cond in run["conditions"]:
+        for cond in map(_settings, run["conditions"]):
             if conditions.setdefault(cond["label"], cond) != cond:
                 raise SaealignError(f"the runs steer {cond['label']!r} with different settings: they cannot join")
         for cell in run["cells"]:
@@ -107,6 +108,16 @@ def join_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 raise SaealignError(f"row {where[0]!r} on {where[1]!r} differs between the runs: not the same measurement, "
                                     "so they cannot join")
     return {"cells": list(cells.values()), "config": runs[0]["config"], "conditions": list(conditions.values())}
+
+
+def _settings(condition: dict[str, Any]) -> dict[str, Any]:
+    """A row's settings as this version writes them: a spec saved before a field existed gets the field's default
+    (which is what that run used: ``tune_steps`` 0 before run 11), so like rows of older and newer runs compare equal."""
+    try:
+        spec = GenerationSpec(**condition["spec"]).to_json()
+    except (TypeError, SaealignError):  # a field this version does not know: compared as saved
+        spec = condition["spec"]
+    return {**condition, "spec": spec}
 
 
 def _continuations(run: dict[str, Any], cell: dict[str, Any]) -> int:
