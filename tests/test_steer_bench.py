@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 import saealign.cli.app as cli
 from conftest import TinyLoader, build_tiny_index, make_sae, make_texts
+from saealign.cli.common import parse_seeds
 from saealign.evaluate.bench_topics import BenchTopic, load_bench_topics
 from saealign.evaluate.steer_bench import (
     EXAMPLES_IN_PROMPT,
@@ -168,7 +169,9 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     for args, needle in ((["--groups", "wordnet"], "unknown --groups"), (["--openers", "40"], "--openers"),
                          (["--rows", "none,nonsense"], "no benchmark row is called 'nonsense'"),
                          (["--rows", " , "], "--rows is empty"),
-                         (["--unsteered-seeds", "1,x"], "--unsteered-seeds takes integers")):
+                         (["--unsteered-seeds", "1,x"], "--unsteered-seeds takes non-negative integers"),
+                         (["--seeds", "5-3"], "--seeds takes non-negative integers or ranges"),
+                         (["--seeds", "-1"], "--seeds takes"), (["--seeds", "0,2,1-3"], "names a seed twice")):
         result = CliRunner().invoke(cli.main, ["eval", "steer-bench", *args, "--data", str(tmp_path)])
         assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
         lines = [x for x in result.output.strip().splitlines() if x.strip()]
@@ -216,3 +219,8 @@ def test_the_few_shot_peer_puts_the_first_alignment_texts_before_the_opener(topi
     assert shots.prefix(banking) == "\n\n".join(banking.align[:EXAMPLES_IN_PROMPT]) + "\n\n"
     assert rows["prompting"].prefix(banking) == INSTRUCTION.format(title=banking.title) and rows["none"].prefix(banking) == ""
     assert not shared_by_topics(shots) and shared_by_topics(rows["none"]) and not shared_by_topics(rows["prompting"])
+
+
+def test_seeds_take_ranges() -> None:
+    assert parse_seeds("0,1,2") == (0, 1, 2) and parse_seeds("24-27") == (24, 25, 26, 27)
+    assert parse_seeds("0, 3,8-10") == (0, 3, 8, 9, 10) and parse_seeds("5-5") == (5,)

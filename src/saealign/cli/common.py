@@ -44,10 +44,21 @@ def parse_layers(value: str) -> tuple[int, ...]:
 
 
 def parse_seeds(text: str, option: str = "--seeds") -> tuple[int, ...]:
+    """``0,1,2`` or ranges with both ends included (``24-55``), mixed (``0,3,8-11``); each seed once."""
+    seeds: list[int] = []
     try:
-        return tuple(int(s) for s in text.split(","))
+        for item in text.split(","):
+            first, _, last = item.strip().partition("-")
+            low, high = int(first), int(last or first)
+            if high < low:
+                raise ValueError(item)
+            seeds += range(low, high + 1)
     except ValueError:
-        raise SaealignError(f"{option} takes integers separated by commas (e.g. 0,1,2)") from None
+        raise SaealignError(f"{option} takes non-negative integers or ranges separated by commas (e.g. 0,1,2 or "
+                            "24-55)") from None
+    if len(set(seeds)) != len(seeds):
+        raise SaealignError(f"{option} names a seed twice: {text!r}")
+    return tuple(seeds)
 
 
 def parse_strengths(text: str, method: str = "swap") -> tuple[float | str, ...]:
