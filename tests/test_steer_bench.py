@@ -14,6 +14,7 @@ import saealign.cli.app as cli
 from conftest import TinyLoader, build_tiny_index, make_sae, make_texts
 from saealign.cli.common import parse_seeds
 from saealign.evaluate.bench_topics import BenchTopic, load_bench_topics
+from saealign.evaluate.metrics import distinct_n
 from saealign.evaluate.steer_bench import (
     EXAMPLES_IN_PROMPT,
     INSTRUCTION,
@@ -224,3 +225,12 @@ def test_the_few_shot_peer_puts_the_first_alignment_texts_before_the_opener(topi
 def test_seeds_take_ranges() -> None:
     assert parse_seeds("0,1,2") == (0, 1, 2) and parse_seeds("24-27") == (24, 25, 26, 27)
     assert parse_seeds("0, 3,8-10") == (0, 3, 8, 9, 10) and parse_seeds("5-5") == (5,)
+
+
+def test_distinct2_of_a_bigger_unsteered_sample_is_read_at_the_steered_rows_size() -> None:
+    from saealign.evaluate.steer_bench import _distinct2
+
+    texts = ["a b", "c d", "a b", "c d"]  # each half is all distinct; the whole repeats every bigram once
+    assert _distinct2(texts, 2) == 1.0 and distinct_n(texts, 2) == 0.5
+    assert _distinct2(texts, 4) == 0.5 and _distinct2(texts, 3) == 0.5  # under two whole samples: read whole
+    assert _distinct2([*texts, "e f"], 2) == 1.0  # the remainder past whole samples is left out

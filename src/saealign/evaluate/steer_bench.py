@@ -237,7 +237,7 @@ def run_steer_bench(aligner: Aligner, judge: LoadedModel, topics: list[BenchTopi
             hits = np.array([p == topic.name for p in predicted], dtype=float)
             per_seed = [float(h.mean()) for h in np.split(hits, len(seeds))]
             cells.append(Cell(cond.label, topic.name, topic.group, float(hits.mean()), per_seed,
-                              sum(x for x, _ in nll), sum(c for _, c in nll), distinct_n(texts, 2),
+                              sum(x for x, _ in nll), sum(c for _, c in nll), _distinct2(texts, len(openers) * len(cfg.seeds)),
                               float(topic_distance(aligner.embedder, texts, emb).mean()),
                               float(np.mean([g.strength for g in gens])), texts[:3],
                               [x for x, _ in nll], [c for _, c in nll]))
@@ -252,6 +252,15 @@ def run_steer_bench(aligner: Aligner, judge: LoadedModel, topics: list[BenchTopi
             "config": cfg.__dict__, "conditions": [{"label": c.label, "prompting": c.prompting, "spec": c.spec.to_json()}
                                                    | ({"examples": c.examples} if c.examples else {})
                                                    for c in conditions]}
+
+
+def _distinct2(texts: list[str], sample: int) -> float:
+    """Distinct-2 read over samples of the steered rows' size: ``texts`` in chunks of ``sample`` (whole chunks only),
+    averaged. Distinct-2 falls as a sample grows (more bigrams repeat), so an unsteered row sampled on more seeds
+    (:attr:`BenchConfig.unsteered_seeds`) would otherwise read less diverse than it is, and every ratio to it high."""
+    if len(texts) < 2 * sample:
+        return distinct_n(texts, 2)
+    return float(np.mean([distinct_n(texts[i:i + sample], 2) for i in range(0, len(texts) - sample + 1, sample)]))
 
 
 def summarise(cells: list[Cell], order: list[str], n_openers: int | None = None) -> list[dict[str, Any]]:
