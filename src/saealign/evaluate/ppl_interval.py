@@ -3,11 +3,11 @@
 The ratio of a row is a geometric mean over topics of ``ppl(row's continuations) / ppl(unsteered continuations)``.
 Its noise has two parts, and the second is the one a per-topic error bar misses: the row's own sample, and the
 unsteered sample in the denominator, which is *one* sample shared by every topic, so its draw moves all the topics'
-ratios of a run together (between 4-seed runs the unsteered perplexity moved by ± 1.6 %, docs/results.md, run 10).
+ratios of a run together (run 12's 32 unsteered seeds, in 4-seed blocks, read about ± 6 %, docs/results.md).
 
 Each replicate redraws, for every opener, as many continuations as there are seeds from that opener's own (openers
-are fixed, seeds are the random part): once for the unsteered row, the same draw for every topic, and independently
-per topic for the row itself. The interval is the replicates' central ``level`` share; deterministic (a fixed seed).
+are fixed, seeds are the random part): once for the unsteered row (over its own seeds, which may be more than the
+row's), the same draw for every topic, and independently per topic for the row itself. The interval is the replicates' central ``level`` share; deterministic (a fixed seed).
 """
 
 from __future__ import annotations

@@ -76,8 +76,8 @@ class BenchConfig:
     batch: int = 64
     unsteered_seeds: tuple[int, ...] | None = None
     """The seeds the unsteered row is sampled on (None: ``seeds``). That row is one sample in the denominator of every
-    topic's perplexity ratio, so its draw moves all the ratios of a run together (± 1.6 % between 4-seed runs,
-    docs/results.md, run 10); sampled on more seeds it steadies every ratio, at a twelfth of a steered row's cost per
+    topic's perplexity ratio, so its draw moves all the ratios of a run together (about ± 6 % between 4-seed blocks,
+    docs/results.md, run 12); sampled on more seeds it steadies every ratio, at a twelfth of a steered row's cost per
     seed (it is generated once for all topics)."""
 
     def seeds_of(self, cond: BenchCondition) -> tuple[int, ...]:
