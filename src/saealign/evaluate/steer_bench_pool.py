@@ -57,7 +57,7 @@ def pool_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if not runs:
         raise SaealignError("nothing to pool: give at least one steer-bench run")
     seeds = [int(s) for run in runs for s in run["config"]["seeds"]]
-    unsteered = [int(s) for run in runs for s in run["config"].get("unsteered_seeds") or run["config"]["seeds"]]
+    unsteered = [int(s) for run in runs for s in _unsteered_seeds(run)]
     repeated = sorted({s for s in seeds if seeds.count(s) > 1} | {s for s in unsteered if unsteered.count(s) > 1})
     if repeated:
         raise SaealignError(f"seed(s) {repeated} appear in more than one run: pooling would count them twice")
@@ -88,7 +88,7 @@ def join_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if not runs:
         raise SaealignError("nothing to join: give at least one steer-bench run")
     for key in (*MATCHED_CONFIG, "seeds", "unsteered_seeds"):
-        values = {json.dumps(run["config"].get(key) or (run["config"]["seeds"] if key == "unsteered_seeds" else None))
+        values = {json.dumps(_unsteered_seeds(run) if key == "unsteered_seeds" else run["config"].get(key))
                   for run in runs}
         if len(values) > 1:
             raise SaealignError(f"the runs differ in {key} ({', '.join(sorted(values))}): only runs on the same seeds "
@@ -108,6 +108,12 @@ def join_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 raise SaealignError(f"row {where[0]!r} on {where[1]!r} differs between the runs: not the same measurement, "
                                     "so they cannot join")
     return {"cells": list(cells.values()), "config": runs[0]["config"], "conditions": list(conditions.values())}
+
+
+def _unsteered_seeds(run: dict[str, Any]) -> list[int]:
+    """The seeds a run's unsteered row was sampled on: its own where it had them, else the run's (as
+    :meth:`saealign.evaluate.steer_bench.BenchConfig.seeds_of` chose them)."""
+    return list(run["config"].get("unsteered_seeds") or run["config"]["seeds"])
 
 
 def _settings(condition: dict[str, Any]) -> dict[str, Any]:
