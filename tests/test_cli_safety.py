@@ -195,6 +195,12 @@ def test_bad_tune_steps_are_refused_before_the_model_loads(files: Files, watched
     assert watched == []
 
 
+def test_a_bad_slot_push_is_refused_before_the_model_loads(files: Files, watched: list[str]) -> None:
+    one_error(run("generate", *stack(files), "the cat", "--topic-file", files.topic, "--slot-push", "-1"),
+              "slot_push must be a number from 0 to 4")
+    assert watched == []
+
+
 def test_strength_help_prints_no_double_percent() -> None:
     result = run("generate", "--help")
     assert result.exit_code == 0 and "%%" not in result.output and "--strength" in result.output

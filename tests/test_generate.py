@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -258,8 +260,10 @@ def test_bad_input_raises_one_clear_error(aligner: Aligner, lm: LoadedModel, sae
         with pytest.raises(SaealignError, match=message):
             Spec(**fields)
     # greedy needs no temperature; the longest prompt that fits the context is accepted
-    fits = Spec(temperature=0.0, greedy=True, max_new_tokens=125)
+    fits = Spec(temperature=0.0, greedy=True, max_new_tokens=125, slot_push=0)
     assert len(aligner.generate("a dog", topic, fits)[0].token_ids) >= 1
+    with pytest.raises(SaealignError, match=r"context of 128 tokens.*\(the concept slot's template counts"):
+        aligner.generate("a dog", topic, replace(fits, slot_push=0.5))  # the template is read before the prompt
     with pytest.raises(SaealignError, match="hidden size"):
         Aligner(lm, SAE(SAEConfig(d_in=32, d_sae=64, activation="relu")), 0)
     with pytest.raises(SaealignError, match="out of range"):

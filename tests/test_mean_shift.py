@@ -128,4 +128,5 @@ def test_diffmean_is_a_push_only_method_with_adds_range_and_a_bench_row() -> Non
     with pytest.raises(SaealignError, match="strength for diffmean must be"):
         Spec("diffmean", strength=2.5)
     rows = {c.label: c.spec for c in default_conditions()}
-    assert rows["diffmean 0.15"] == Spec("diffmean")  # the default's push, along the SAE-free direction
+    # the default's push and slot, along the SAE-free direction
+    assert rows["diffmean 0.15 slot 0.5"] == Spec("diffmean", slot_push=Spec().slot)

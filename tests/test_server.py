@@ -22,6 +22,7 @@ from conftest import LiveServer, make_aligner
 from saealign.defaults import TOPICS_DIR
 from saealign.serve.app import ServerLimits, create_app
 from saealign.steering.aligner import Aligner, Generation, TokenEvent
+from saealign.steering.slot import SLOT_TEMPLATE
 from saealign.steering.spec import DEFAULT_METHOD
 from saealign.steering.spec import GenerationSpec as Spec
 
@@ -247,7 +248,9 @@ def test_openai_client_completions_and_chat(served: Served) -> None:
     assert (done.object, done.model, len(done.choices)) == ("text_completion", "tiny-llama", 1)
     assert done.choices[0].text == want.text
     assert done.choices[0].finish_reason == {"eos": "stop", "length": "length"}[want.finish_reason]
-    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (6, len(want.token_ids))  # <s> + 5 words
+    # <s> + 5 words, read after the default's concept slot template (the tokens the model read)
+    template = len(ref.lm.tokenizer(SLOT_TEMPLATE, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (6 + template, len(want.token_ids))
     pieces = [c.choices[0].text for c in client.completions.create(
         model="any", prompt="the cat sat on the", max_tokens=5, temperature=0, stream=True, extra_body={"topic": tid})]
     assert "".join(pieces) == want.text and len(pieces) == len(want.token_ids) + 1  # + the finish chunk
@@ -281,6 +284,8 @@ def test_openai_client_completions_and_chat(served: Served) -> None:
     ("/v1/generate", {"json": {"prompt": "a dog", "method": "swap"}}, 400, "needs a topic"),
     ("/v1/generate", {"json": {"prompt": "a dog", "topic": ["the cat sat on the mat"], "tune_steps": 33}}, 400, "tune_steps is 33, more than this server's limit of 32"),
     ("/v1/generate", {"json": {"prompt": "a dog", "method": "none", "tune_steps": 2}}, 400, "tune_steps tunes add's mix"),
+    ("/v1/generate", {"json": {"prompt": "a dog", "topic": ["the cat sat on the mat"], "slot_push": 5}}, 400,
+     "slot_push must be a number from 0 to 4"),
     ("/v1/generate", {"json": {"prompt": "a dog", "promt": 1}}, 422, "promt: Extra inputs are not permitted"),
     ("/v1/generate", {"json": {"prompt": " ".join(["dog"] * 100), "max_new_tokens": 64}}, 400, "context of 128"),
     ("/v1/generate", {"json": {"prompt": " ".join(["dog"] * 100), "max_new_tokens": 64, "stream": True}}, 400,

@@ -185,30 +185,30 @@ def test_default_rows_compare_the_boosted_default_with_the_constant_push() -> No
     default = Spec(strength=0.2, prompt_boost=4)
     rows = {c.label: c for c in default_conditions(default)}
     assert len(rows) == len(default_conditions(default))  # labels are unique
-    assert rows["default (add 0.2 prompt x4)"].spec == default and rows["prompting + default"].prompting
-    assert rows["add 0.175 prompt x4"].spec == Spec(strength=0.175, prompt_boost=4)
+    assert rows["default (add 0.2 prompt x4 slot 0.5)"].spec == default and rows["prompting + default"].prompting
+    assert rows["add 0.175 prompt x4 slot 0.5"].spec == Spec(strength=0.175, prompt_boost=4)
     assert rows["add 0.25 constant push"].spec == Spec(strength=0.25, prompt_boost=1)
-    assert rows["add auto prompt x4"].spec.is_auto and rows["add auto prompt x4"].spec.boost == 4
-    assert rows["add 0.35 with feedback"].spec == Spec(feedback=True)  # the feedback's own strength and boost
-    assert rows["add 0.2 prompt x4 without output match"].spec == Spec(strength=0.2, prompt_boost=4, output_match=False)
+    assert rows["add auto prompt x4 slot 0.5"].spec.is_auto and rows["add auto prompt x4 slot 0.5"].spec.boost == 4
+    assert rows["add 0.35 slot 0.5 with feedback"].spec == Spec(feedback=True)  # the feedback's own strength and boost
+    assert rows["add 0.2 prompt x4 slot 0.5 without output match"].spec == Spec(strength=0.2, prompt_boost=4, output_match=False)
     assert not any("output match" in c.label for c in default_conditions(Spec(output_match=False)))
     assert [c.label for c in default_conditions(Spec("add", strength=0.25, prompt_boost=1))][3:9] == [
-        "default (add 0.25)", "examples in prompt", "examples in prompt + default", "add 0.225", "add 0.275",
-        "add 0.25 one layer"]
-    assert {c.label: c for c in default_conditions()}["add 0.15 one layer"].spec == Spec(companion_push=0)
+        "default (add 0.25 slot 0.5)", "examples in prompt", "examples in prompt + default", "add 0.225 slot 0.5",
+        "add 0.275 slot 0.5", "add 0.25"]  # the default's push without the slot (then its template alone)
+    assert {c.label: c for c in default_conditions()}["add 0.15 one layer slot 0.5"].spec == Spec(companion_push=0)
     assert len(default_conditions(Spec(companion_push=0))) == len(default_conditions()) - 1  # no second one-layer row
-    assert {c.label for c in default_conditions(Spec(companion_push=2))} >= {"default (add 0.15 companion x2)",
-                                                                            "add 0.15 one layer"}
+    assert {c.label for c in default_conditions(Spec(companion_push=2))} >= {"default (add 0.15 companion x2 slot 0.5)",
+                                                                            "add 0.15 one layer slot 0.5"}
     # the tuned mix's row: the default's push along the tuned mix; a tuned default gets none
-    assert {c.label: c for c in default_conditions()}["add 0.15 tuned 12"].spec == Spec(tune_steps=12)
-    assert not any(c.label.endswith("tuned 12") for c in default_conditions(Spec(tune_steps=3)))
-    assert default_conditions(Spec(tune_steps=3))[3].label == "default (add 0.15 tuned 3)"
+    assert {c.label: c for c in default_conditions()}["add 0.15 tuned 12 slot 0.5"].spec == Spec(tune_steps=12)
+    assert not any("tuned 12" in c.label for c in default_conditions(Spec(tune_steps=3)))
+    assert default_conditions(Spec(tune_steps=3))[3].label == "default (add 0.15 tuned 3 slot 0.5)"
 
 
 def test_named_rows_come_in_the_benchmarks_order() -> None:
-    picked = named_conditions(["diffmean 0.15", "default", "none"])
-    assert [c.label for c in picked] == ["none", "default (add 0.15)", "diffmean 0.15"]
-    assert picked[1].spec == Spec() and picked[2].spec == Spec("diffmean")
+    picked = named_conditions(["diffmean 0.15 slot 0.5", "default", "none"])
+    assert [c.label for c in picked] == ["none", "default (add 0.15 slot 0.5)", "diffmean 0.15 slot 0.5"]
+    assert picked[1].spec == Spec() and picked[2].spec == Spec("diffmean", slot_push=0.5)  # the same push, slot and all
     assert named_conditions(list(MAIN_ROWS)) == main_conditions()
 
 

@@ -26,6 +26,7 @@ from saealign.steering.spec import (
     DEFAULT_COMPANION_PUSH,
     DEFAULT_METHOD,
     DEFAULT_PROMPT_BOOST,
+    DEFAULT_SLOT_PUSH,
     DEFAULT_TUNE_STEPS,
     LATENT_DIRECTIONS,
     METHODS,
@@ -81,6 +82,10 @@ SPEC_OPTIONS = [
                  help="add: tune the mix of the topic's latents for this many steps so the pushed model finds the "
                       "topic texts likely (once per topic and strength, cached); 0 = untuned (default "
                       f"{DEFAULT_TUNE_STEPS['add']})"),
+    click.option("--slot-push", type=float, default=None,
+                 help="additive methods: read the prompt after 'The following text is about something.' with the "
+                      "placeholder pushed this hard along the topic direction (strength units); 0 = no slot "
+                      f"(default {DEFAULT_SLOT_PUSH['add']:g} for add, else 0)"),
 ]
 SPEC_FIELDS = {f.name for f in fields(GenerationSpec)}
 

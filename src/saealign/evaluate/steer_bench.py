@@ -35,6 +35,7 @@ from saealign.models import LoadedModel
 from saealign.reference.scoring import TopicScores
 from saealign.steering.aligner import Aligner
 from saealign.steering.generation import Generation
+from saealign.steering.slot import SLOT_TEMPLATE
 from saealign.steering.spec import ADDITIVE, LATENT_DIRECTIONS, GenerationSpec
 
 OPENERS = Path(__file__).resolve().parent.parent / "data" / "bench_openers.txt"
@@ -54,17 +55,27 @@ class BenchCondition:
     examples: int = 0
     """This many of the topic's alignment texts before the opener: few-shot prompting, the peer that reads what
     saealign reads (example texts, no title)."""
+    slot_template: bool = False
+    """The concept slot's template before everything, its placeholder unpushed (:mod:`saealign.steering.slot`): with
+    ``method="none"``, the control that says what the template alone does to the text."""
 
     def prefix(self, topic: BenchTopic) -> str:
         """What this condition puts before every opener of ``topic``."""
         shots = "".join(f"{text}\n\n" for text in topic.align[:self.examples])
-        return shots + (INSTRUCTION.format(title=topic.title) if self.prompting else "")
+        return ((SLOT_TEMPLATE if self.slot_template else "") + shots
+                + (INSTRUCTION.format(title=topic.title) if self.prompting else ""))
 
 
 def shared_by_topics(cond: BenchCondition) -> bool:
-    """Whether a condition's continuations are the same for every topic (unsteered, no instruction): generated and
-    judged once, then classified within each topic's group (it used to be generated and judged once per topic)."""
+    """Whether a condition's continuations are the same for every topic (no push, nothing of the topic before the
+    opener): generated and judged once, then classified within each topic's group (it used to be generated and judged
+    once per topic)."""
     return cond.spec.method == "none" and not cond.prompting and not cond.examples
+
+
+def unsteered(cond: BenchCondition) -> bool:
+    """Whether ``cond`` is the unsteered row, the denominator of every ratio (sampled on the unsteered seeds)."""
+    return shared_by_topics(cond) and not cond.slot_template
 
 
 @dataclass(frozen=True)
@@ -82,7 +93,7 @@ class BenchConfig:
 
     def seeds_of(self, cond: BenchCondition) -> tuple[int, ...]:
         """The seeds ``cond`` is sampled on: :attr:`unsteered_seeds` for the unsteered row, else :attr:`seeds`."""
-        return (self.unsteered_seeds or self.seeds) if shared_by_topics(cond) else self.seeds
+        return (self.unsteered_seeds or self.seeds) if unsteered(cond) else self.seeds
 
 
 def bench_openers(n: int) -> list[str]:
@@ -100,7 +111,8 @@ def condition_name(spec: GenerationSpec) -> str:
     if spec.method in ADDITIVE and spec.companion_push is not None:
         companion = " one layer" if spec.companion_push == 0 else f" companion x{spec.companion_push:.3g}"
     tuned = f" tuned {spec.tune_steps}" if spec.tune_steps else ""
-    return f"{spec.method} {strength}{boost}{companion}{tuned}"
+    slot = f" slot {spec.slot:g}" if spec.method in ADDITIVE and spec.slot else ""
+    return f"{spec.method} {strength}{boost}{companion}{tuned}{slot}"
 
 
 TUNED_ROW_STEPS = 12
@@ -130,6 +142,10 @@ def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondi
         if default.boost != 1:  # the constant push the boost is measured against, at and above the default
             out += [BenchCondition(f"{default.method} {x:g} constant push", replace(default, strength=x, prompt_boost=1.0))
                     for x in sorted({0.25, 0.3})]
+        if default.slot:  # the same push without the slot, and the slot's template alone (docs/results.md, run 13)
+            plain = replace(default, slot_push=0.0)
+            out += [BenchCondition(condition_name(plain), plain),
+                    BenchCondition("slot template alone", GenerationSpec(method="none"), slot_template=True)]
         if default.companion_push != 0:  # the same push at the main layer alone (docs/results.md, run 7)
             alone = replace(default, companion_push=0.0)
             out += [BenchCondition(condition_name(alone), alone)]
@@ -251,6 +267,7 @@ def run_steer_bench(aligner: Aligner, judge: LoadedModel, topics: list[BenchTopi
             "classifier": {g: m.accuracy for g, m in classifier.groups.items()}, "auto_strength": auto,
             "config": cfg.__dict__, "conditions": [{"label": c.label, "prompting": c.prompting, "spec": c.spec.to_json()}
                                                    | ({"examples": c.examples} if c.examples else {})
+                                                   | ({"slot_template": True} if c.slot_template else {})
                                                    for c in conditions]}
 
 

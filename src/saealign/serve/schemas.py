@@ -20,6 +20,7 @@ from saealign.steering.spec import (
     DEFAULT_COMPANION_PUSH,
     DEFAULT_METHOD,
     DEFAULT_PROMPT_BOOST,
+    DEFAULT_SLOT_PUSH,
     DEFAULT_TUNE_STEPS,
     METHODS,
     MODES,
@@ -118,6 +119,10 @@ class SteeringOptions(BaseModel):
         default=None, description="add: tune the mix of the topic's latents for this many steps so the pushed model "
                                   "finds the topic texts likely (once per topic and strength, cached); 0 = untuned; "
                                   f"null = the default ({DEFAULT_TUNE_STEPS['add']})")
+    slot_push: float | None = Field(
+        default=None, description="additive methods: read the prompt after 'The following text is about something.' "
+                                  "with the placeholder pushed this hard along the topic direction (strength units); "
+                                  f"0 = no slot; null = the default ({DEFAULT_SLOT_PUSH['add']:g} for add, else 0)")
     top_k: int = 5
     greedy: bool = False
 

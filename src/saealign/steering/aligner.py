@@ -59,6 +59,7 @@ from saealign.steering.generation import Generation, RowRecord, TokenEvent
 from saealign.steering.hook import SteeringHook
 from saealign.steering.mean_shift import load_or_measure_own_mean, mean_shift, residual_mean
 from saealign.steering.plan import Plan, TopicArg
+from saealign.steering.slot import slot_ids, slot_position, slotted
 from saealign.steering.spec import (
     ADDITIVE,
     COMPANION_MAIN_SHARE,
@@ -460,8 +461,8 @@ class Aligner:
         seeds = planning.seeds_for(seed, len(prompts))
         strengths = planning.row_strengths(spec, strength_per_row, len(prompts))
         planning.steering(spec, 1.0)  # the edit itself is known: fail on it before any work
-        texts, rows = zip(*(planning.encode_prompt(self.lm, i, p, spec.chat, spec.max_new_tokens)
-                            for i, p in enumerate(prompts)), strict=True)
+        encoded = [planning.encode_prompt(self.lm, i, p, spec.chat, spec.max_new_tokens) for i, p in enumerate(prompts)]
+        texts, rows = [t for t, _ in encoded], [ids for _, ids in encoded]
         topics, per_row = planning.resolve_topics(topic, topic_per_row, len(prompts), self.topic, self.sae_key,
                                                   self.sae.d_sae)
         if (spec.method in LATENT_DIRECTIONS and spec.contrast) or (spec.method in ADDITIVE and spec.feedback):
@@ -484,8 +485,39 @@ class Aligner:
         hook = self._hook(spec, topics, per_row, main, max_act,
                           None if tuned is None else {i: u[self.layer] for i, u in tuned.items()})
         companions = self._companion_hooks(spec, topics, per_row, main, tuned)
+        slots: list[int | None] = []
+        if hook is not None and spec.method in ADDITIVE and spec.slot and topics:
+            texts, rows, slots = self._slot(texts, rows, prompts, spec, per_row, strengths,
+                                            [hook, *(h for h, _ in companions)])
         generators = [row_generator(s, t) for s, t in zip(seeds, texts, strict=True)]
-        return Plan(prompts, list(rows), generators, seeds, per_row, hook, strengths, spec, companions)
+        return Plan(prompts, rows, generators, seeds, per_row, hook, strengths, spec, companions, tuple(slots))
+
+    def _slot(self, texts: list[str], rows: list[list[int]], prompts: list[str], spec: GenerationSpec,
+              per_row: list[int | None], strengths: list[float], hooks: list[SteeringHook]
+              ) -> tuple[list[str], list[list[int]], list[int | None]]:
+        """The concept slot (:mod:`saealign.steering.slot`): each steered row (a topic, a strength above 0) re-encoded
+        after the slot template, the index of its placeholder, and on every pushed layer's hook the vectors the
+        placeholder takes: the layer's push × ``slot_push / strength`` (so the slot is pushed ``slot_push`` in strength
+        units, in the same shares between layers as the push)."""
+        word = slot_ids(self.lm.tokenizer)
+        slots: list[int | None] = []
+        gains = []
+        for i, (prompt, t, s) in enumerate(zip(prompts, per_row, strengths, strict=True)):
+            if t is None or s <= 0:
+                slots.append(None)
+                gains.append(0.0)
+                continue
+            try:
+                texts[i], rows[i] = planning.encode_prompt(self.lm, i, slotted(prompt), spec.chat, spec.max_new_tokens)
+            except SaealignError as e:  # the context is too short for the template too: say that it counts
+                raise SaealignError(f"{e} (the concept slot's template counts: or steer with slot_push=0)") from None
+            slots.append(slot_position(rows[i], word))
+            gains.append(spec.slot / s)
+        gain = torch.tensor(gains).unsqueeze(1)
+        for h in hooks:
+            assert h.direction is not None and h.direction.dim() == 2  # directions_for gives one row per prompt
+            h.slot_vectors = h.direction * gain.to(h.direction.device, h.direction.dtype)
+        return texts, rows, slots
 
     def _records(self, plan: Plan) -> list[RowRecord]:
         measured = plan.hook is not None and plan.hook.record
@@ -511,7 +543,8 @@ class Aligner:
         pad = pad if pad is not None else (min(eos) if eos else 0)
         detok = [Detokenizer(tok) for _ in plan.rows]
         steps = decode_steps(self.lm.model, plan.rows, Sampling.of(plan.spec), plan.generators, pad, eos, plan.hook,
-                             self.block, plan.spec.steer_prompt, self.special_ids, plan.spec.boost, plan.companions)
+                             self.block, plan.spec.steer_prompt, self.special_ids, plan.spec.boost, plan.companions,
+                             plan.slots)
         for step in steps:
             for row in step.active.nonzero().flatten().tolist():
                 token = int(step.token_ids[row])

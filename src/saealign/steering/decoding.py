@@ -115,6 +115,19 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
+def slot_positions(rows: list[list[int]], slots: Sequence[int | None], width: int) -> Tensor:
+    """bool ``[batch, width]``: each row's slot (an index into its own ids) where :func:`left_pad` puts it."""
+    if len(slots) != len(rows):
+        raise SaealignError(f"{len(slots)} slot positions for {len(rows)} rows: give one per row (None: no slot)")
+    out = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (r, at) in enumerate(zip(rows, slots, strict=True)):
+        if at is not None:
+            if not 0 <= at < len(r):
+                raise SaealignError(f"row {i}'s slot at {at} lies outside its {len(r)} prompt tokens")
+            out[i, width - len(r) + at] = True
+    return out
+
+
 def positions(mask: Tensor) -> Tensor:
     """Position ids from an attention mask ``[batch, seq]``: 0 at each row's first real token.
 
@@ -171,6 +184,7 @@ def decode_steps(
     unedited_ids: set[int] | None = None,
     prompt_boost: float = 1.0,
     companions: Sequence[tuple[SteeringHook, nn.Module]] = (),
+    slots: Sequence[int | None] = (),
 ) -> Iterator[Step]:
     """Generate from the token-id ``rows`` (one prompt each), yielding one :class:`Step` per new token.
 
@@ -182,7 +196,9 @@ def decode_steps(
     unedited, as the SAE's training data and the reference index leave them out. ``prompt_boost`` multiplies
     an additive method's push in the prompt pass (:attr:`saealign.steering.spec.GenerationSpec.prompt_boost`).
     ``companions`` (hook, block) pairs push at further layers alongside ``hook``, on the same positions and with the
-    same prompt boost (:attr:`saealign.steering.plan.Plan.companions`).
+    same prompt boost (:attr:`saealign.steering.plan.Plan.companions`). ``slots`` gives, per row, the index in its
+    ``rows`` ids of the concept slot's placeholder (None: the row has none; empty: no row has), where the prompt pass
+    adds each hook's :attr:`~saealign.steering.hook.SteeringHook.slot_vectors` (:mod:`saealign.steering.slot`).
     """
     if companions and hook is None:
         raise SaealignError("companion pushes steer beside a main hook: pass hook= too")
@@ -210,13 +226,14 @@ def decode_steps(
         return keep_now | special
 
     keep = with_specials(keep, ids)
+    slot_mask = slot_positions(rows, slots, ids.shape[1]).to(device) if any(i is not None for i in slots) else None
     feed, pos = ids, positions(mask)
     for step in range(sampling.max_new_tokens):
         logits, contamination, n_changed = _forward(
             model, feed, mask, pos, {cache_name: cache}, hook, layer, keep, prompt_boost if step == 0 else 1.0,
-            companions,
+            companions, slot_mask,
         )
-        keep = None
+        keep = slot_mask = None
         active = ~done
         rows_now = active.nonzero().flatten().tolist()
         tokens = torch.full((batch,), pad_id, dtype=torch.long)
@@ -243,6 +260,7 @@ def _forward(
     keep: Tensor | None,
     push_scale: float = 1.0,
     companions: Sequence[tuple[SteeringHook, nn.Module]] = (),
+    slot_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """One forward call: ``(last-position logits [batch, vocab], contamination [batch] | None, n_changed | None)``."""
     if hook is None:
@@ -256,6 +274,7 @@ def _forward(
         for h, block in attached:
             h.keep = keep
             h.push_scale = push_scale
+            h.slot_mask = slot_mask
             handles.append(h.register(block))
         out = model(input_ids=feed, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **cache)
     finally:
@@ -264,6 +283,7 @@ def _forward(
         for h, _ in attached:
             h.keep = None
             h.push_scale = 1.0
+            h.slot_mask = None
     if not hook.record:
         return out.logits[:, -1], None, None
     return out.logits[:, -1], hook.contamination[-1][:, -1].cpu(), hook.n_changed[-1][:, -1].cpu()

@@ -89,6 +89,12 @@ class SteeringHook:
         self.push_scale = 1.0
         """Multiplies :attr:`direction` in the next forward call (the prompt pass's ``prompt_boost``); set it before
         the call, reset it to 1 after."""
+        self.slot_vectors: Tensor | None = None
+        """``[batch, d_in]``: what the concept slot adds at each row's placeholder (:mod:`saealign.steering.slot`), or
+        None (no slot)."""
+        self.slot_mask: Tensor | None = None
+        """bool ``[batch, seq]`` of the next forward call, or None: the positions that take :attr:`slot_vectors` (each
+        slotted row's placeholder in the prompt pass). Set it before the call, clear it after."""
         self.keep: Tensor | None = None
         """bool ``[batch, seq]`` of the next forward call, or None: positions passed through unedited,
         recorded with contamination, n_changed and n_active 0. Set it before the call, clear it after.
@@ -112,7 +118,7 @@ class SteeringHook:
         if self.steering.method in PUSH_ONLY and not self.record and direction is not None:
             # a push that measures nothing (a companion layer): x + v, the SAE never runs (apply_edit's arithmetic)
             pushed = hidden + rowwise(direction.to(hidden.device), hidden).to(hidden.dtype)
-            return _with_hidden(output, self._kept(hidden, pushed))
+            return _with_hidden(output, self._slotted(self._kept(hidden, pushed)))
         res = apply_edit(self.sae, hidden, self.steering, self.scores, self.max_act, self.weights, direction)
         out, contam, n_changed, n_active = res.out, res.contamination, res.n_changed, res.n_active
         if self.keep is not None:
@@ -127,7 +133,19 @@ class SteeringHook:
             self.n_active.append(n_active)
         if self.steering.method == "none":
             return None
-        return _with_hidden(output, out)
+        return _with_hidden(output, self._slotted(out))
+
+    def _slotted(self, out: Tensor) -> Tensor:
+        """``out`` with :attr:`slot_vectors` added at the :attr:`slot_mask` positions (``out`` itself without them)."""
+        if self.slot_mask is None or self.slot_vectors is None:
+            return out
+        mask = self.slot_mask.to(out.device)
+        if mask.shape != out.shape[:-1] or self.slot_vectors.shape != (out.shape[0], out.shape[-1]):
+            raise SaealignError(
+                f"the slot covers {tuple(mask.shape)} positions of {tuple(self.slot_vectors.shape)} vectors but the block "
+                f"output is {tuple(out.shape)}: set slot_mask for the prompt pass only, then clear it"
+            )
+        return out + mask.unsqueeze(-1).to(out.dtype) * self.slot_vectors.to(out.device, out.dtype).unsqueeze(1)
 
     def _kept(self, hidden: Tensor, out: Tensor) -> Tensor:
         """``out`` with the :attr:`keep` positions put back to ``hidden`` (``out`` itself when keep is None)."""

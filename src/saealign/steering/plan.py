@@ -52,6 +52,9 @@ class Plan:
     companions: tuple[tuple[SteeringHook, nn.Module], ...] = ()
     """Further pushes, each a hook and the block it is attached to beside :attr:`hook` (the companion layers,
     :attr:`GenerationSpec.companion_push`); they steer and record nothing."""
+    slots: tuple[int | None, ...] = ()
+    """Per row, the index in :attr:`rows` of the concept slot's placeholder (:mod:`saealign.steering.slot`), None where
+    the row has none; empty where no row has."""
 
 
 def seeds_for(seed: int | Sequence[int], n: int) -> list[int]:

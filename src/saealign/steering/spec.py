@@ -77,6 +77,16 @@ DEFAULT_TUNE_STEPS: dict[str, int] = {"add": 0}
 the topic texts (:mod:`saealign.steering.tuning`); every other method has nothing to tune."""
 TUNE_STEPS_MAX = 200
 
+DEFAULT_SLOT_PUSH: dict[str, float] = {"add": 0.5}
+"""What ``slot_push=None`` means (:attr:`GenerationSpec.slot_push`): how hard the concept slot's placeholder is
+pushed, in strength units (× each layer's residual norm, in the layers' shares). ``add``: 0.5, chosen on
+``saealign eval steer-bench``'s screening seeds (docs/results.md, run 13: with add's 0.15, 0.846 hit rate at 1.010x
+judge perplexity against 1.063x with the slot at 1, and 0.823 at 1.061x without a slot); the other methods: 0 (no
+slot)."""
+SLOT_PUSH_MAX = 4.0
+"""The hardest slot push: past it the placeholder's residual is the push alone, and a harder one read worse (2 steered
+less than 1 on the benchmark's screen, run 13)."""
+
 STRENGTH_RANGE: dict[str, tuple[float, float]] = {
     "swap": (0.0, 8.0),
     "weight": (0.0, 8.0),
@@ -180,6 +190,13 @@ class GenerationSpec:
     :data:`DEFAULT_TUNE_STEPS`. With ``strength="auto"`` the search runs on the untuned mix and the mix is then
     tuned at the strength it chose."""
 
+    slot_push: float | None = None
+    """Additive methods: read each steered prompt after a fixed instruction whose placeholder word is pushed this hard
+    along the topic direction, in strength units at every pushed layer (:mod:`saealign.steering.slot`: the model reads
+    "the following text is about <the topic>" with no topic word written); 0 = no slot; None =
+    :data:`DEFAULT_SLOT_PUSH`, resolved on construction. The other methods have no topic direction and ignore it; a row
+    auto finds nothing to steer by (strength 0) gets no slot."""
+
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise SaealignError(f"unknown steering method {self.method!r}: use one of {', '.join(METHODS)}")
@@ -232,6 +249,11 @@ class GenerationSpec:
                                 "method add, or tune_steps=0")
         object.__setattr__(self, "tune_steps", steps)
 
+        slot = DEFAULT_SLOT_PUSH.get(self.method, 0.0) if self.slot_push is None else self.slot_push
+        if isinstance(slot, bool) or not isinstance(slot, (int, float)) or not 0 <= slot <= SLOT_PUSH_MAX:
+            raise SaealignError(f"slot_push must be a number from 0 to {SLOT_PUSH_MAX:g}, got {slot!r}")
+        object.__setattr__(self, "slot_push", float(slot))
+
     @property
     def needs_topic(self) -> bool:
         return self.method in TOPIC_METHODS
@@ -240,6 +262,11 @@ class GenerationSpec:
     def boost(self) -> float:
         """:attr:`prompt_boost` as resolved on construction (always a number)."""
         return float(self.prompt_boost)  # type: ignore[arg-type]
+
+    @property
+    def slot(self) -> float:
+        """:attr:`slot_push` as resolved on construction (always a number; 0 = no slot)."""
+        return float(self.slot_push)  # type: ignore[arg-type]
 
     @property
     def is_auto(self) -> bool:

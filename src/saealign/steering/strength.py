@@ -320,6 +320,8 @@ def cache_key(aligner: Aligner, spec: GenerationSpec, cfg: AutoStrengthConfig) -
     steering = {k: v for k, v in spec.to_json().items()
                 if k in ("method", "mode", "steer_prompt", "unscored", "n_latents", "output_scores", "contrast",
                          "output_match", "feedback", "prompt_boost", "companion_push")}
+    if spec.method in ADDITIVE and spec.slot:  # only where on, so the choices cached before the slot keep their keys
+        steering["slot_push"] = spec.slot
     companions = getattr(aligner, "companions", ())
     if spec.companion_push and companions:  # the choice holds for these companion SAEs, layers and weights only
         steering["companions"] = [f"{c.aligner.sae_key}-L{c.aligner.layer}-w{c.weight:.6g}" for c in companions]
