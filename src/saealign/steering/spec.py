@@ -81,8 +81,9 @@ DEFAULT_SLOT_PUSH: dict[str, float] = {"add": 0.5}
 """What ``slot_push=None`` means (:attr:`GenerationSpec.slot_push`): how hard the concept slot's placeholder is
 pushed, in strength units (× each layer's residual norm, in the layers' shares). ``add``: 0.5, chosen on
 ``saealign eval steer-bench``'s screening seeds (docs/results.md, run 13: with add's 0.15, 0.846 hit rate at 1.010x
-judge perplexity against 1.063x with the slot at 1, and 0.823 at 1.061x without a slot); the other methods: 0 (no
-slot)."""
+judge perplexity against 1.063x with the slot at 1, and 0.823 at 1.061x without a slot) and held out on seeds 28-31:
+0.816 at 1.088x against 0.784 at 1.178x without the slot (prompting 0.753 at 0.964x), at 0.82x distinct-2 against
+0.92x. The other methods: 0 (no slot)."""
 SLOT_PUSH_MAX = 4.0
 """The hardest slot push: past it the placeholder's residual is the push alone, and a harder one read worse (2 steered
 less than 1 on the benchmark's screen, run 13)."""
