@@ -489,6 +489,7 @@ class Aligner:
         if hook is not None and spec.method in ADDITIVE and spec.slot and topics:
             texts, rows, slots = self._slot(texts, rows, prompts, spec, per_row, strengths,
                                             [hook, *(h for h, _ in companions)])
+        # each row's stream is seeded from the text the model reads (a slotted row's template included)
         generators = [row_generator(s, t) for s, t in zip(seeds, texts, strict=True)]
         return Plan(prompts, rows, generators, seeds, per_row, hook, strengths, spec, companions, tuple(slots))
 
