@@ -83,7 +83,7 @@ SPEC_OPTIONS = [
                       "topic texts likely (once per topic and strength, cached); 0 = untuned (default "
                       f"{DEFAULT_TUNE_STEPS['add']})"),
     click.option("--slot-push", type=float, default=None,
-                 help="additive methods: read the prompt after 'The following text is about something.' with the "
+                 help="additive methods: read the prompt after 'Notes on something.' with the "
                       "placeholder pushed this hard along the topic direction (strength units); 0 = no slot "
                       f"(default {DEFAULT_SLOT_PUSH['add']:g} for add, else 0)"),
 ]

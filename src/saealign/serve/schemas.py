@@ -120,7 +120,7 @@ class SteeringOptions(BaseModel):
                                   "finds the topic texts likely (once per topic and strength, cached); 0 = untuned; "
                                   f"null = the default ({DEFAULT_TUNE_STEPS['add']})")
     slot_push: float | None = Field(
-        default=None, description="additive methods: read the prompt after 'The following text is about something.' "
+        default=None, description="additive methods: read the prompt after 'Notes on something.' "
                                   "with the placeholder pushed this hard along the topic direction (strength units); "
                                   f"0 = no slot; null = the default ({DEFAULT_SLOT_PUSH['add']:g} for add, else 0)")
     top_k: int = 5

@@ -4,14 +4,15 @@ An instruction naming the topic ("The following text is about medicine.") steers
 sits in the context, and the generated tokens, left alone, stay fluent. saealign's user gives example texts, not a
 name. The slot gives the model the instruction without the name: every steered prompt is read after
 :data:`SLOT_TEMPLATE`, and the residual of its placeholder word (:data:`SLOT_WORD`) is pushed hard along the topic
-direction at every pushed layer, so the model reads "the following text is about <the topic's latents>". Injecting a
+direction at every pushed layer, so the model reads "notes on <the topic's latents>". Injecting a
 representation at a placeholder token of a fixed prompt is how Patchscopes (Ghandeharioun et al. 2024) and SelfIE
 (Chen et al. 2024) make a model read out a hidden state; here it writes the topic in.
 
 The template is the same for every topic and the slot carries the topic through the SAE's latents alone, so no
 topic word is ever written. The returned text is the continuation of the user's prompt: the template is fed, never
-shown. On ``saealign eval steer-bench`` the template alone (its slot unpushed) adds no topic and lowers the judge's
-perplexity of the continuation by about 8 %; the pushed slot adds the topic (docs/results.md, run 13).
+shown. On ``saealign eval steer-bench`` the first template ("The following text is about something.") alone, its slot
+unpushed, added no topic and lowered the judge's perplexity of the continuation by about 8 %; the pushed slot adds the
+topic (docs/results.md, runs 13 and 13b).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from saealign.errors import SaealignError
 
 SLOT_WORD = " something"
 """The placeholder: a word the instruction reads naturally with, whose residual takes the topic's push."""
-SLOT_TEMPLATE = f"The following text is about{SLOT_WORD}.\n\n"
-"""What every steered prompt is read after (the benchmark's instruction, with the placeholder for the topic's name)."""
+SLOT_TEMPLATE = f"Notes on{SLOT_WORD}.\n\n"
+"""What every steered prompt is read after: a heading with the placeholder where the topic's name would go. On the
+benchmark it beat the prompting row's own instruction with a placeholder ("The following text is about something.") on
+hit rate and distinct-2 at equal perplexity (docs/results.md, run 13b)."""
 
 
 def slotted(prompt: str) -> str:

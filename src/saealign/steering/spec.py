@@ -83,7 +83,8 @@ pushed, in strength units (× each layer's residual norm, in the layers' shares)
 ``saealign eval steer-bench``'s screening seeds (docs/results.md, run 13: with add's 0.15, 0.846 hit rate at 1.010x
 judge perplexity against 1.063x with the slot at 1, and 0.823 at 1.061x without a slot) and held out on seeds 28-31:
 0.816 at 1.088x against 0.784 at 1.178x without the slot (prompting 0.753 at 0.964x), at 0.82x distinct-2 against
-0.92x. The other methods: 0 (no slot)."""
+0.92x; with today's template, on seeds 32-35, 0.875 at 1.104x and 0.85x distinct-2 (prompting 0.740 at 0.949x, run
+13b). The other methods: 0 (no slot)."""
 SLOT_PUSH_MAX = 4.0
 """The hardest slot push: past it the placeholder's residual is the push alone, and a harder one read worse (2 steered
 less than 1 on the benchmark's screen, run 13)."""
@@ -194,7 +195,7 @@ class GenerationSpec:
     slot_push: float | None = None
     """Additive methods: read each steered prompt after a fixed instruction whose placeholder word is pushed this hard
     along the topic direction, in strength units at every pushed layer (:mod:`saealign.steering.slot`: the model reads
-    "the following text is about <the topic>" with no topic word written); 0 = no slot; None =
+    "notes on <the topic>" with no topic word written); 0 = no slot; None =
     :data:`DEFAULT_SLOT_PUSH`, resolved on construction. The other methods have no topic direction and ignore it; a row
     auto finds nothing to steer by (strength 0) gets no slot."""
 
