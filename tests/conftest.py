@@ -95,6 +95,28 @@ def build_tiny_index(lm: LoadedModel, sae: SAE, folder, texts: list[str], labels
                            IndexConfig(layer=0, shard_size=shard_size, batch_size=batch_size), progress=False)
 
 
+def push_aligner(sae: SAE):  # noqa: ANN201 - a saealign Aligner
+    """An Aligner over a fresh ``make_llama`` and ``sae`` at layer 0, with a HashingEmbedder and no index: enough for the
+    additive push's options (prompt boost, concept slot). Set SAEALIGN_CACHE first (the steering basis is cached)."""
+    from saealign.reference.embed import HashingEmbedder
+    from saealign.steering.aligner import Aligner
+
+    lm = LoadedModel(model=make_llama(), tokenizer=make_tokenizer(), name="tiny", key="tiny", load_seconds=0.0)
+    return Aligner(lm, sae, 0, embedder=HashingEmbedder())
+
+
+def push_topic(sae: SAE):  # noqa: ANN201 - saealign TopicScores
+    """Random scores and activation contrast over every latent of ``sae`` (seeded), with one topic text."""
+    import numpy as np
+
+    from saealign.reference.scoring import TopicScores
+    from saealign.sae.autoencoder import sae_key
+
+    s = np.random.default_rng(0).random(sae.d_sae).astype(np.float32)
+    return TopicScores(s, np.zeros(sae.d_sae), np.full(sae.d_sae, 30), np.ones(sae.d_sae, bool), ["the dog sat"],
+                       sae_key=sae_key(sae), contrast=np.random.default_rng(1).random(sae.d_sae).astype(np.float32))
+
+
 @pytest.fixture(scope="session")
 def tiny_lm() -> LoadedModel:
     """A 2-block random Llama (d_model 64, float32) with the word-level tokenizer."""

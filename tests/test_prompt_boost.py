@@ -4,17 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
 import saealign.steering.hook as hook_mod
-from conftest import make_llama, make_sae, make_tokenizer
+from conftest import make_sae, push_aligner, push_topic
 from saealign.errors import SaealignError
-from saealign.models import LoadedModel
-from saealign.reference.embed import HashingEmbedder
-from saealign.reference.scoring import TopicScores
-from saealign.sae.autoencoder import SAE, sae_key
+from saealign.sae.autoencoder import SAE
 from saealign.steering.aligner import Aligner
 from saealign.steering.spec import GenerationSpec as Spec
 
@@ -29,14 +25,7 @@ def sae() -> SAE:
 @pytest.fixture()
 def aligner(sae: SAE, tmp_path, monkeypatch: pytest.MonkeyPatch) -> Aligner:
     monkeypatch.setenv("SAEALIGN_CACHE", str(tmp_path))  # the tiny model's steering basis stays out of the user's cache
-    lm = LoadedModel(model=make_llama(), tokenizer=make_tokenizer(), name="tiny", key="tiny", load_seconds=0.0)
-    return Aligner(lm, sae, 0, embedder=HashingEmbedder())
-
-
-def topic(sae: SAE) -> TopicScores:
-    s = np.random.default_rng(0).random(sae.d_sae).astype(np.float32)
-    return TopicScores(s, np.zeros(sae.d_sae), np.full(sae.d_sae, 30), np.ones(sae.d_sae, bool), ["the dog sat"],
-                       sae_key=sae_key(sae), contrast=np.random.default_rng(1).random(sae.d_sae).astype(np.float32))
+    return push_aligner(sae)
 
 
 def test_the_prompt_pass_is_pushed_boost_times_harder(aligner: Aligner, sae: SAE,
@@ -49,7 +38,7 @@ def test_the_prompt_pass_is_pushed_boost_times_harder(aligner: Aligner, sae: SAE
         return real(*args, **kwargs)
 
     monkeypatch.setattr(hook_mod, "apply_edit", spy)
-    t = topic(sae)
+    t = push_topic(sae)
     aligner.generate(PROMPTS, t, Spec("add", strength=0.5, prompt_boost=3.0, greedy=True, max_new_tokens=4))
     boosted = list(pushes)
     pushes.clear()
@@ -62,7 +51,7 @@ def test_the_prompt_pass_is_pushed_boost_times_harder(aligner: Aligner, sae: SAE
 
 def test_the_first_token_is_the_one_of_the_boosted_strength(aligner: Aligner, sae: SAE) -> None:
     # the prompt pass alone predicts the first new token: boost b at strength s reads as strength s x b there
-    t = topic(sae)
+    t = push_topic(sae)
     boosted = aligner.generate(PROMPTS, t, Spec("add", strength=0.4, prompt_boost=2.5, max_new_tokens=1), seed=[3, 4])
     scaled = aligner.generate(PROMPTS, t, Spec("add", strength=1.0, prompt_boost=1, max_new_tokens=1), seed=[3, 4])
     plain = aligner.generate(PROMPTS, t, Spec("add", strength=0.4, prompt_boost=1, max_new_tokens=6, greedy=True))

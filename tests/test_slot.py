@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import make_llama, make_sae, make_tokenizer
+from conftest import make_sae, push_aligner, push_topic
 from saealign.errors import SaealignError
 from saealign.evaluate.steer_bench import BenchCondition, default_conditions, shared_by_topics, unsteered
-from saealign.models import LoadedModel
-from saealign.reference.embed import HashingEmbedder
-from saealign.reference.scoring import TopicScores
-from saealign.sae.autoencoder import SAE, sae_key
+from saealign.sae.autoencoder import SAE
 from saealign.steering.aligner import Aligner
 from saealign.steering.decoding import slot_positions
 from saealign.steering.hook import SteeringHook
@@ -31,14 +27,7 @@ def sae() -> SAE:
 @pytest.fixture()
 def aligner(sae: SAE, tmp_path, monkeypatch: pytest.MonkeyPatch) -> Aligner:
     monkeypatch.setenv("SAEALIGN_CACHE", str(tmp_path))  # the tiny model's steering basis stays out of the user's cache
-    lm = LoadedModel(model=make_llama(), tokenizer=make_tokenizer(), name="tiny", key="tiny", load_seconds=0.0)
-    return Aligner(lm, sae, 0, embedder=HashingEmbedder())
-
-
-def topic(sae: SAE) -> TopicScores:
-    s = np.random.default_rng(0).random(sae.d_sae).astype(np.float32)
-    return TopicScores(s, np.zeros(sae.d_sae), np.full(sae.d_sae, 30), np.ones(sae.d_sae, bool), ["the dog sat"],
-                       sae_key=sae_key(sae), contrast=np.random.default_rng(1).random(sae.d_sae).astype(np.float32))
+    return push_aligner(sae)
 
 
 def n_tokens(aligner: Aligner, text: str) -> int:
@@ -73,7 +62,7 @@ def test_the_placeholder_alone_takes_the_slot_push(aligner: Aligner, sae: SAE, m
         return result
 
     monkeypatch.setattr(SteeringHook, "_slotted", spy)
-    gens = aligner.generate(PROMPTS, topic(sae), Spec("add", strength=0.5, slot_push=2.0, greedy=True, max_new_tokens=3))
+    gens = aligner.generate(PROMPTS, push_topic(sae), Spec("add", strength=0.5, slot_push=2.0, greedy=True, max_new_tokens=3))
     assert len(calls) == 3  # the prompt pass, then one call per fed-back token
     before, after, mask, direction = calls[0]
     assert mask is not None and direction is not None and mask.sum(dim=1).tolist() == [1, 1]
@@ -92,7 +81,7 @@ def test_the_placeholder_alone_takes_the_slot_push(aligner: Aligner, sae: SAE, m
 
 def test_without_its_push_the_slot_is_the_template_before_the_prompt(aligner: Aligner, sae: SAE,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    t = topic(sae)
+    t = push_topic(sae)
     spec = Spec("add", strength=0.4, slot_push=1.5, max_new_tokens=6)
     slot = aligner.generate(PROMPTS, t, spec, seed=[3, 4])
     monkeypatch.setattr(SteeringHook, "_slotted", lambda self, out: out)
@@ -104,7 +93,7 @@ def test_without_its_push_the_slot_is_the_template_before_the_prompt(aligner: Al
 
 
 def test_a_row_at_strength_0_gets_no_slot(aligner: Aligner, sae: SAE) -> None:
-    t = topic(sae)
+    t = push_topic(sae)
     gens = aligner.generate(PROMPTS, t, Spec("add", slot_push=1.0, max_new_tokens=2), strength_per_row=[0.0, 0.3])
     assert gens[0].prompt_tokens == n_tokens(aligner, PROMPTS[0])
     assert gens[1].prompt_tokens == n_tokens(aligner, slotted(PROMPTS[1]))
