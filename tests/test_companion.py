@@ -12,6 +12,7 @@ from conftest import make_llama, make_sae, make_tokenizer
 from saealign.defaults import COMPANION_LAYERS, DEFAULT_LAYER, default_companions
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
+from saealign.reference import contrast as contrast_module
 from saealign.reference.embed import HashingEmbedder
 from saealign.reference.scoring import TopicScores
 from saealign.sae.autoencoder import SAE, sae_key
@@ -107,6 +108,58 @@ def test_both_pushes_are_the_by_hand_directions(aligners: tuple[Aligner, Aligner
     want = side * (s * COMPANION_MAIN_SHARE * push * companion.steering_basis().residual_norm)
     assert torch.allclose(side_hook.direction[1], want, atol=1e-5)
     assert paired.companion_topic(_topic(paired.sae), companion) is side_topic  # remembered per topic texts
+
+
+def test_scoring_reads_the_companions_topic_in_the_same_pass(aligners: tuple[Aligner, Aligner],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main contrast's pass also reads every companion layer, so the companion's topic costs no second pass, and
+    its contrast is the one a pass of its own gives."""
+    _, paired = aligners
+    companion = paired.companions[0].aligner
+    paired.steering_basis(), companion.steering_basis()  # measured (with passes of their own) before the spy
+    calls: list[list[int]] = []
+    real = contrast_module.residuals_at_layers
+
+    def counting(model, layers, *args):  # noqa: ANN001, ANN202 - a spy on the model passes
+        calls.append(list(layers))
+        return real(model, layers, *args)
+
+    monkeypatch.setattr(contrast_module, "residuals_at_layers", counting)
+    topic = paired.with_contrast(_topic(paired.sae))
+    assert calls == [[1, 0]]  # one pass (one batch of 3 texts) for both layers
+    side_topic = paired.companion_topic(topic, companion)
+    assert calls == [[1, 0]]
+    own = contrast_module.activation_contrast(contrast_module.mean_activation(paired.lm, companion.sae, 0, TEXTS),
+                                              companion.reference_mean())
+    assert np.array_equal(side_topic.contrast, own)
+    # scores that already carry their contrast (loaded from disk) get the companion's in one pass of its own
+    fresh = Aligner(paired.lm, paired.sae, 1, embedder=HashingEmbedder(), companions=[(companion.sae, 0)])
+    fresh.companions[0].aligner.steering_basis()  # read from the disk cache
+    calls.clear()
+    again = fresh.companion_topic(topic, fresh.companions[0].aligner)
+    assert calls == [[0]] and np.array_equal(again.contrast, own)
+
+
+def test_the_topic_texts_are_embedded_once_for_every_layer(aligners: tuple[Aligner, Aligner]) -> None:
+    _, paired = aligners
+    companion = paired.companions[0].aligner
+    seen: list[list[str]] = []
+    embedder = paired.embedder
+    assert embedder is not None and companion.embedder is embedder
+    real = embedder.embed
+
+    def counting(texts, *args, **kwargs):  # noqa: ANN001, ANN202 - a spy on the embedder
+        seen.append(list(texts))
+        return real(texts, *args, **kwargs)
+
+    embedder.embed = counting  # type: ignore[method-assign]
+    topic = paired.with_contrast(_topic(paired.sae))
+    main = paired.output_match(topic)
+    side = companion.output_match(paired.companion_topic(topic, companion))
+    assert seen.count(TEXTS) == 1
+    vectors = paired.topic_embeddings(TEXTS)
+    assert np.array_equal(vectors, real(TEXTS)) and not vectors.flags.writeable
+    assert main.shape == (paired.sae.d_sae,) and side.shape == (companion.sae.d_sae,)
 
 
 def test_no_push_there_is_the_single_layer_aligner_token_for_token(aligners: tuple[Aligner, Aligner]) -> None:

@@ -12,7 +12,7 @@ import saealign.steering.directions as directions
 from conftest import build_tiny_index, make_sae, make_texts
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
-from saealign.reference.contrast import activation_contrast, mean_activation
+from saealign.reference.contrast import activation_contrast, mean_activation, mean_activations
 from saealign.reference.embed import HashingEmbedder
 from saealign.reference.index import ReferenceIndex
 from saealign.reference.scoring import TopicScores
@@ -63,6 +63,17 @@ def test_mean_activation_by_hand(lm: LoadedModel, sae: SAE) -> None:
     np.testing.assert_allclose(got, by_hand_mean(lm, sae, TEXTS), rtol=1e-5, atol=1e-6)
     with pytest.raises(SaealignError, match="no content tokens"):
         mean_activation(lm, sae, 0, [""])
+
+
+def test_one_pass_over_several_layers_is_each_layers_own_mean(lm: LoadedModel, sae: SAE) -> None:
+    """The main and companion layers' means read in one pass are, bit for bit, what a pass per layer reads."""
+    other = make_sae(seed=5)
+    texts = [*TEXTS, *make_texts(40, seed=2)]  # more than one batch of 32
+    both = mean_activations(lm, [(sae, 1), (other, 0)], texts)
+    assert np.array_equal(both[0], mean_activation(lm, sae, 1, texts))
+    assert np.array_equal(both[1], mean_activation(lm, other, 0, texts))
+    np.testing.assert_allclose(both[1], by_hand_mean(lm, other, texts), rtol=1e-5, atol=1e-7)
+    assert not np.array_equal(both[0], both[1])
 
 
 def test_mean_activation_leaves_out_a_later_attention_sink(lm: LoadedModel, sae: SAE) -> None:

@@ -281,3 +281,31 @@ def test_real_default_model_knows_paris(real_lm):
         out = real_lm.model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in text, text
+
+
+def test_the_output_head_reads_a_contiguous_input_once():
+    """Generation's ``logits_to_keep=1`` hands the head a strided slice (slow in bf16 on a CPU); every LoadedModel's
+    head gets it contiguous, with the logits the full pass gives at the last position."""
+    lm = models.LoadedModel(model=make_llama(), tokenizer=make_tokenizer(), name="t", key="t", load_seconds=0.0)
+    head = lm.model.get_output_embeddings()
+    seen: list[bool] = []
+    head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(3, 60, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        last = lm.model(input_ids=ids, logits_to_keep=1).logits[:, -1]
+        full = lm.model(input_ids=ids).logits[:, -1]
+    assert seen == [True, True] and torch.equal(last, full)
+    assert models.contiguous_head(lm.model) is None  # installed once, however many LoadedModels share the model
+    models.LoadedModel(model=lm.model, tokenizer=lm.tokenizer, name="t2", key="t2", load_seconds=0.0)
+    assert sum(h is models._contiguous_input for h in head._forward_pre_hooks.values()) == 1
+    assert models.contiguous_head(None) is None  # an index-only LoadedModel has no model
+
+
+def test_without_the_hook_the_head_would_read_a_strided_slice():
+    """The case the hook exists for: transformers slices the last position without copying."""
+    model = make_llama()
+    seen: list[bool] = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    with torch.inference_mode():
+        model(input_ids=torch.randint(3, 60, (3, 7)), logits_to_keep=1)
+    assert seen == [False]

@@ -62,6 +62,9 @@ class LoadedModel:
     """Short hash identifying the weights (for cache keys of indexes built on this model)."""
     load_seconds: float
 
+    def __post_init__(self) -> None:
+        contiguous_head(self.model)
+
     @property
     def n_layers(self) -> int:
         return len(decoder_layers(self.model))
@@ -69,6 +72,26 @@ class LoadedModel:
     @property
     def d_model(self) -> int:
         return int(self.model.config.hidden_size)
+
+
+def contiguous_head(model: Any) -> torch.utils.hooks.RemovableHandle | None:
+    """Make the output head read a contiguous input (once per model; a no-op for one that is already contiguous).
+
+    Generation asks for the last position's logits alone (``logits_to_keep=1``), which hands the head a strided
+    ``[batch, 1, d_model]`` slice. On a CPU in bf16, PyTorch's linear takes a slow path for that: SmolLM2's
+    49,152-row head took 1.5 s for 24 rows where a contiguous copy takes 12 ms, with bit-identical logits. That was
+    most of every prompt pass (``bench/bench_head.py``). Returns the hook's handle (None where one was there already
+    or the model has no output head)."""
+    head = model.get_output_embeddings() if model is not None and hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Module) or getattr(head, "_saealign_contiguous", False):
+        return None
+    handle = head.register_forward_pre_hook(_contiguous_input)
+    setattr(head, "_saealign_contiguous", True)  # noqa: B010 - nn.Module types its attributes as tensors or modules
+    return handle
+
+
+def _contiguous_input(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (args[0].contiguous(), *args[1:]) if args and isinstance(args[0], torch.Tensor) else args
 
 
 def _package_dir(package: str) -> Path:

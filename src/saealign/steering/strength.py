@@ -62,6 +62,8 @@ class Aligner(Protocol):
 
     def neutral_probe(self, cfg: AutoStrengthConfig) -> NeutralProbe: ...
 
+    def topic_embeddings(self, texts: Sequence[str]) -> np.ndarray: ...
+
 
 NEUTRAL_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "neutral_prompts.txt"
 
@@ -281,7 +283,7 @@ def choose_strength(aligner: Aligner, topic: TopicScores, spec: GenerationSpec,
         raise SaealignError("strength='auto' needs the topic's texts (these scores carry none): give a number")
     start = time.perf_counter()
     probe = aligner.neutral_probe(cfg)
-    topic_emb = aligner.embedder.embed(list(topic.topic_texts))
+    topic_emb = aligner.topic_embeddings(topic.topic_texts)
     base_distance = _distance(aligner, probe.base_texts, topic_emb)
     # Every candidate in ONE batch (rows = candidates x prompts, one strength per row); equal prompts and seeds
     # give every candidate the same random stream, so candidates differ only by their strength.
