@@ -21,6 +21,7 @@ from saealign.evaluate.steer_bench import (
     BenchCondition,
     BenchConfig,
     bench_openers,
+    condition_name,
     default_conditions,
     run_steer_bench,
     shared_by_topics,
@@ -203,6 +204,11 @@ def test_default_rows_compare_the_boosted_default_with_the_constant_push() -> No
     assert {c.label: c for c in default_conditions()}["add 0.15 tuned 12 slot 0.5"].spec == Spec(tune_steps=12)
     assert not any("tuned 12" in c.label for c in default_conditions(Spec(tune_steps=3)))
     assert default_conditions(Spec(tune_steps=3))[3].label == "default (add 0.15 tuned 3 slot 0.5)"
+    # a default sampled hotter says so in every row built from it; greedy decoding reads no temperature
+    hotter = {c.label: c for c in default_conditions(Spec(strength=0.1, prompt_boost=1.5, temperature=1.2))}
+    assert hotter["default (add 0.1 prompt x1.5 slot 0.5 T1.2)"].spec.temperature == 1.2
+    assert "add 0.125 prompt x1.5 slot 0.5 T1.2" in hotter
+    assert condition_name(Spec(temperature=1.2, greedy=True)) == "add 0.15 slot 0.5"
 
 
 def test_named_rows_come_in_the_benchmarks_order() -> None:

@@ -103,8 +103,8 @@ def bench_openers(n: int) -> list[str]:
 
 def condition_name(spec: GenerationSpec) -> str:
     """``"add 0.2 prompt x4"``: the method, its strength, the prompt boost where it is not 1, the companion push
-    where the spec names one (``one layer`` for 0; none named = the aligner's default) and the tuning steps where the
-    mix is tuned (``tuned 12``)."""
+    where the spec names one (``one layer`` for 0; none named = the aligner's default), the tuning steps where the
+    mix is tuned (``tuned 12``), the slot push and the sampling temperature where it is not 1 (``T1.2``)."""
     strength = spec.strength if isinstance(spec.strength, str) else f"{spec.strength:g}"
     boost = f" prompt x{spec.boost:g}" if spec.method in ADDITIVE and spec.boost != 1 else ""
     companion = ""
@@ -112,7 +112,8 @@ def condition_name(spec: GenerationSpec) -> str:
         companion = " one layer" if spec.companion_push == 0 else f" companion x{spec.companion_push:.3g}"
     tuned = f" tuned {spec.tune_steps}" if spec.tune_steps else ""
     slot = f" slot {spec.slot:g}" if spec.method in ADDITIVE and spec.slot else ""
-    return f"{spec.method} {strength}{boost}{companion}{tuned}{slot}"
+    hotter = f" T{spec.temperature:g}" if spec.temperature != 1 and not spec.greedy else ""
+    return f"{spec.method} {strength}{boost}{companion}{tuned}{slot}{hotter}"
 
 
 TUNED_ROW_STEPS = 12

@@ -327,7 +327,7 @@ class Aligner:
         """``[n, dim]`` the embedder's unit vectors of a topic's ``texts``, remembered per texts (read-only).
 
         The output match at every pushed layer and the strength search all read the same topic texts; embedding
-        them once instead of at each was about 0.9 s of ``strength="auto"``'s time per topic on a CPU. A companion
+        them once instead of at each was about 0.8 s of ``strength="auto"``'s time per topic on a CPU. A companion
         layer reads its main aligner's memo."""
         if self._texts_owner is not None:
             return self._texts_owner.topic_embeddings(texts)
