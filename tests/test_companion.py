@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import make_llama, make_sae, make_tokenizer
+from saealign import residual_stream
 from saealign.defaults import COMPANION_LAYERS, DEFAULT_LAYER, default_companions
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
@@ -118,13 +119,13 @@ def test_scoring_reads_the_companions_topic_in_the_same_pass(aligners: tuple[Ali
     companion = paired.companions[0].aligner
     paired.steering_basis(), companion.steering_basis()  # measured (with passes of their own) before the spy
     calls: list[list[int]] = []
-    real = contrast_module.residuals_at_layers
+    real = residual_stream.residuals_at_layers
 
     def counting(model, layers, *args):  # noqa: ANN001, ANN202 - a spy on the model passes
         calls.append(list(layers))
         return real(model, layers, *args)
 
-    monkeypatch.setattr(contrast_module, "residuals_at_layers", counting)
+    monkeypatch.setattr(residual_stream, "residuals_at_layers", counting)
     topic = paired.with_contrast(_topic(paired.sae))
     assert calls == [[1, 0]]  # one pass (one batch of 3 texts) for both layers
     side_topic = paired.companion_topic(topic, companion)

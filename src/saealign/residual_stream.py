@@ -9,6 +9,8 @@ Also here: which token positions count (:func:`content_mask`, :func:`special_tok
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -152,3 +154,23 @@ def massive_positions(hidden: Tensor, keep: Tensor, factor: float = MASSIVE_FACT
         return torch.zeros_like(keep)
     median = norms[keep].median()
     return keep & (norms > factor * median)
+
+
+@torch.inference_mode()
+def content_residuals(model: nn.Module, tokenizer: Any, layers: list[int], texts: Sequence[str], max_seq_len: int = 128,
+                      batch_size: int = 32, by_length: bool = False) -> Iterator[dict[int, Tensor]]:
+    """Per batch of ``texts``, each layer's residuals at the content positions: ``{L: [n, d]}``. Batches follow the
+    order given, or with ``by_length`` the texts' token counts (so each pads little; for sums, where order is moot).
+
+    One partial forward per batch reads every layer. Content = :func:`content_mask` less each layer's own later
+    attention sinks (:func:`massive_positions`): what the mean activations and mean residuals are taken over."""
+    special = special_token_ids(tokenizer)
+    device = next(model.parameters()).device
+    encoded = [tokenizer(t, truncation=True, max_length=max_seq_len)["input_ids"] for t in texts]
+    if by_length:
+        encoded.sort(key=len)
+    for b in range(0, len(encoded), batch_size):
+        ids, mask = right_pad(encoded[b:b + batch_size], int(tokenizer.pad_token_id))
+        keep = content_mask(ids, mask, special).to(device)
+        hidden = residuals_at_layers(model, layers, ids.to(device), mask.to(device))
+        yield {layer: hidden[layer][keep & ~massive_positions(hidden[layer], keep)] for layer in layers}

@@ -26,13 +26,7 @@ import torch
 
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
-from saealign.residual_stream import (
-    content_mask,
-    massive_positions,
-    residuals_at_layers,
-    right_pad,
-    special_token_ids,
-)
+from saealign.residual_stream import content_residuals
 from saealign.sae.autoencoder import SAE
 
 
@@ -53,23 +47,14 @@ def mean_activations(lm: LoadedModel, saes: Sequence[tuple[SAE, int]], texts: Se
     first blocks over the topic texts three times (about 3 s of ``strength="auto"``'s time per topic on a CPU).
     One pass up to the deepest layer reads them all. Sums are float64 over tokens, so the result does not depend on
     which other layers share the pass."""
-    tok = lm.tokenizer
-    special = special_token_ids(tok)
-    device = next(lm.model.parameters()).device
     layers = [layer for _, layer in saes]
-    enc = [tok(t, truncation=True, max_length=max_seq_len)["input_ids"] for t in texts]
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))  # batches of similar lengths pad little
     totals = [torch.zeros(sae.d_sae, dtype=torch.float64) for sae, _ in saes]
     counts = [0] * len(saes)
-    for b in range(0, len(order), batch_size):
-        ids, mask = right_pad([enc[r] for r in order[b:b + batch_size]], int(tok.pad_token_id))
-        keep = content_mask(ids, mask, special).to(device)
-        hidden = residuals_at_layers(lm.model, layers, ids.to(device), mask.to(device))
+    for kept in content_residuals(lm.model, lm.tokenizer, layers, texts, max_seq_len, batch_size, by_length=True):
         for k, (sae, layer) in enumerate(saes):
-            kept = keep & ~massive_positions(hidden[layer], keep)
-            totals[k] += sae.encode(hidden[layer][kept]).double().sum(dim=0).cpu()
-            counts[k] += int(kept.sum())
-    if not enc or min(counts) == 0:
+            totals[k] += sae.encode(kept[layer]).double().sum(dim=0).cpu()
+            counts[k] += len(kept[layer])
+    if not texts or min(counts) == 0:
         raise SaealignError("the topic texts have no content tokens (empty, or special tokens only): "
                             "give texts with words in them")
     return [(total / count).numpy() for total, count in zip(totals, counts, strict=True)]

@@ -27,32 +27,18 @@ from torch import Tensor
 from saealign.cache import atomic_write_bytes, cache_dir, hash_json
 from saealign.errors import SaealignError
 from saealign.models import LoadedModel
-from saealign.residual_stream import (
-    content_mask,
-    massive_positions,
-    residuals_at,
-    right_pad,
-    special_token_ids,
-)
+from saealign.residual_stream import content_residuals
 
 
 @torch.inference_mode()
 def residual_mean(lm: LoadedModel, layer: int, texts: Sequence[str], max_seq_len: int = 128,
                   batch_size: int = 16) -> np.ndarray:
     """``[d_model]`` float64: the mean residual after block ``layer`` over the content tokens of ``texts``."""
-    tok = lm.tokenizer
-    special = special_token_ids(tok)
-    device = next(lm.model.parameters()).device
     total = torch.zeros(lm.d_model, dtype=torch.float64)
     count = 0
-    encoded = [tok(t, truncation=True, max_length=max_seq_len)["input_ids"] for t in texts]
-    for b in range(0, len(encoded), batch_size):
-        ids, mask = right_pad(encoded[b:b + batch_size], int(tok.pad_token_id))
-        hidden = residuals_at(lm.model, layer, ids.to(device), mask.to(device))
-        keep = content_mask(ids, mask, special).to(device)
-        keep = keep & ~massive_positions(hidden, keep)
-        total += hidden[keep].double().sum(dim=0).cpu()
-        count += int(keep.sum())
+    for kept in content_residuals(lm.model, lm.tokenizer, [layer], texts, max_seq_len, batch_size):
+        total += kept[layer].double().sum(dim=0).cpu()
+        count += len(kept[layer])
     if count == 0:
         raise SaealignError("the topic texts have no content tokens (empty, or special tokens only): "
                             "give texts with words in them")
