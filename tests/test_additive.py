@@ -203,10 +203,26 @@ def test_unscored_latents_neutral_or_dropped(sae: SAE) -> None:
 def test_no_strength_means_the_methods_default() -> None:
     from saealign.steering.spec import DEFAULT_STRENGTH
 
-    assert Spec().method == "add" and Spec().strength == DEFAULT_STRENGTH["add"] == 0.15
+    assert Spec().method == "add" and Spec().strength == DEFAULT_STRENGTH["add"] == 0.05
+    assert Spec().boost == 4.0 and Spec().slot == 1.0  # the default recipe: prompt x4, the slot at 1
     assert Spec("swap").strength == 1.0 and Spec("weight", strength=None).strength == 1.0  # the paper's
     assert Spec("add", strength="auto").is_auto and Spec("clamp").strength == 1.0  # clamp ignores it
     assert Spec(**Spec("swap_add").to_json()) == Spec("swap_add")  # resolved once: JSON round-trips
+
+
+def test_no_temperature_means_the_methods_default() -> None:
+    from saealign.steering.spec import DEFAULT_TEMPERATURE
+
+    # add and diffmean sample hotter as part of their recipe; every other method at the model's own 1
+    assert Spec().temperature == Spec("diffmean").heat == DEFAULT_TEMPERATURE["add"] == 1.2
+    assert Spec("none").temperature == Spec("swap").temperature == Spec("swap_add").temperature == 1.0
+    assert Spec(temperature=0.7).temperature == 0.7 and Spec("none", temperature=2).temperature == 2.0
+    assert Spec(**Spec().to_json()) == Spec()  # resolved once: JSON round-trips
+    assert Sampling.of(Spec()).temperature == 1.2
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True, "1"):
+        with pytest.raises(SaealignError, match="temperature"):
+            Spec(temperature=bad)  # type: ignore[arg-type]
+    assert Spec(temperature=0.0, greedy=True).greedy  # greedy reads no temperature
 
 
 def test_strengths_outside_the_methods_range_are_refused() -> None:

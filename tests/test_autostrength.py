@@ -125,7 +125,7 @@ def test_generate_auto_equals_the_chosen_number(sae: SAE) -> None:
 def test_rows_with_different_auto_strengths_share_one_batch(sae: SAE) -> None:
     aligner = make(sae, AutoStrengthConfig(**{**FAST.__dict__, "budget": 100.0}))
     topics = [topic(sae, 7), topic(sae, 11)]
-    strengths = [aligner.auto_strength(t).strength for t in topics]
+    strengths = [aligner.auto_strength(t, Spec(strength="auto", greedy=True)).strength for t in topics]
     both = aligner.generate(PROMPTS, topics, Spec(strength="auto", greedy=True, max_new_tokens=5), topic_per_row=[0, 1])
     for i, t in enumerate(topics):
         alone = aligner.generate(PROMPTS[i], t, Spec(strength=strengths[i], greedy=True, max_new_tokens=5))[0]
@@ -184,8 +184,39 @@ def test_one_batch_search_equals_one_call_per_candidate(sae: SAE) -> None:
 def test_candidates_keep_the_boosted_prompt_push_in_range() -> None:
     cfg = AutoStrengthConfig()
     assert cfg.candidates("add") == (0.15, 0.3, 0.45, 0.6)
-    assert cfg.candidates("add", prompt_boost=4) == (0.15, 0.3, 0.45)  # 0.6 x 4 would push the prompt past 2
+    # a boosted prompt: the grid divided by the boost, so the prompt's pushes span the constant push's
+    assert cfg.candidates("add", prompt_boost=4) == (0.0375, 0.075, 0.1125, 0.15)
     assert cfg.candidates("add", prompt_boost=0.5) == cfg.candidates("add")
-    assert cfg.candidates("add", prompt_boost=10) == (0.15,)  # at most 2 / 10
+    assert cfg.candidates("add", prompt_boost=10) == (0.015, 0.03, 0.045, 0.06)
+    named = AutoStrengthConfig(strengths=(0.15, 0.3, 0.45, 0.6))  # named candidates are taken as they are
+    assert named.candidates("add", prompt_boost=4) == (0.15, 0.3, 0.45)  # 0.6 x 4 would push the prompt past 2
+    assert named.candidates("add", prompt_boost=10) == (0.15,)  # at most 2 / 10
     with pytest.raises(SaealignError, match="no candidate strength"):
         AutoStrengthConfig(strengths=(0.3,)).candidates("add", prompt_boost=10)
+
+
+def test_the_search_samples_at_the_temperature_the_user_will_read(sae: SAE, monkeypatch: pytest.MonkeyPatch) -> None:
+    aligner = make(sae)
+    seen: list[tuple[str, float, bool]] = []
+    generate = aligner.generate
+
+    def spy(prompts, topic=None, spec=None, **kw):  # noqa: ANN001, ANN003, ANN202
+        if spec.max_new_tokens == FAST.max_new_tokens:  # the probes (not the contrast's own unsteered text)
+            seen.append((spec.method, spec.temperature, spec.greedy))
+        return generate(prompts, topic, spec, **kw)
+
+    monkeypatch.setattr(aligner, "generate", spy)
+    t = topic(sae, 3)
+    aligner.auto_strength(t, Spec(strength="auto"))  # the default recipe samples at 1.2
+    aligner.auto_strength(t, Spec(strength="auto", temperature=0.8))
+    aligner.auto_strength(t, Spec(strength="auto", greedy=True))  # greedy text: the probes sample at 1
+    assert seen == [("none", 1.0, False), ("add", 1.2, False), ("add", 0.8, False), ("add", 1.0, False)]
+    # each temperature is its own choice (cached apart); the unsteered probe is measured once at 1
+    assert len(t.extra["auto_strength"]) == 3
+    pinned = make(sae, AutoStrengthConfig(**{**FAST.__dict__, "temperature": 1.0}))
+    monkeypatch.setattr(pinned, "generate", spy)
+    seen.clear()
+    pinned.auto_strength(topic(sae, 3), Spec(strength="auto"))
+    assert seen == [("none", 1.0, False), ("add", 1.0, False)]
+    with pytest.raises(SaealignError, match="probe's temperature"):
+        AutoStrengthConfig(temperature=0.0)

@@ -141,7 +141,7 @@ def test_generate_json_and_side_by_side(files: Files) -> None:
     assert (row["prompt"], row["method"], row["mode"]) == ("the cat sat on the", DEFAULT_METHOD, "error")
     assert len(row["token_contamination"]) == 4 and all(0.0 <= c <= 1.0 for c in row["token_contamination"])
     assert row["contamination"] == pytest.approx(sum(row["token_contamination"]) / 4)
-    assert row["strength"] == 0.15  # no --strength: the default method's default
+    assert row["strength"] == 0.05  # no --strength: the default method's default
     view = run(*args, "--strength", "auto", "the cat sat on the")
     assert view.exit_code == 0, view.output
     assert "the cat sat on the" in view.output and "unsteered" in view.output
@@ -257,4 +257,4 @@ def test_generate_from_a_score_csv_with_companion_layers_needs_the_texts(files: 
     assert_one_error_line(run(*args, "the cat sat on the"), "holds scores only", "--companion-push 0")
     steered = run(*args, "--companion-push", "0", "the cat sat on the")
     assert steered.exit_code == 0, steered.output
-    assert json.loads(steered.stdout.strip())["strength"] == 0.15
+    assert json.loads(steered.stdout.strip())["strength"] == 0.05

@@ -70,6 +70,11 @@ def test_the_spec_checks_the_companion_push() -> None:
     with pytest.raises(SaealignError, match="pushes the companion layer past add's largest strength"):
         Spec("add", strength=2.0, companion_push=2.0)  # 2 x 2/3 x 2 > 2
     assert Spec("add", strength=1.5, companion_push=2.0).companion_push == 2.0  # 1.5 x 2/3 x 2 = 2: at the edge
+    # there the default prompt boost gives way (x1), as it does to a strong push alone; a boost named is checked
+    assert Spec("add", strength=1.5, companion_push=2.0).boost == 1.0 and Spec("add", strength=1.0).boost == 2.0
+    assert Spec("add", strength=0.3, companion_push=2.0).boost == 4.0  # 0.3 x 4 x 2/3 x 2 = 1.6: room enough
+    with pytest.raises(SaealignError, match="pushes the companion layer past"):
+        Spec("add", strength=1.0, companion_push=2.0, prompt_boost=2)
 
 
 def test_resolve_fills_the_default_only_where_there_is_a_companion(aligners: tuple[Aligner, Aligner]) -> None:

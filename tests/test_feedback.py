@@ -84,7 +84,7 @@ def test_bad_feedback_is_one_clear_error() -> None:
 
 
 def test_default_strength_follows_the_feedback() -> None:
-    assert not Spec().feedback and Spec().strength == DEFAULT_STRENGTH["add"] == 0.15
+    assert not Spec().feedback and Spec().strength == DEFAULT_STRENGTH["add"] == 0.05
     assert Spec(feedback=True).strength == FEEDBACK_STRENGTH["add"] == 0.35
     assert Spec("swap", feedback=True).strength == 1.0 and Spec("swap_add", feedback=True).strength == 0.3
 

@@ -125,8 +125,10 @@ def test_topics_without_texts_or_like_the_own_text_are_one_error(aligners: tuple
 
 def test_diffmean_is_a_push_only_method_with_adds_range_and_a_bench_row() -> None:
     assert "diffmean" in PUSH_ONLY and Spec("diffmean").strength == Spec("add").strength
+    # diffmean takes add's whole recipe: the same push, prompt boost, slot and temperature
+    assert (Spec("diffmean").boost, Spec("diffmean").slot, Spec("diffmean").heat) == (Spec().boost, Spec().slot, Spec().heat)
     with pytest.raises(SaealignError, match="strength for diffmean must be"):
         Spec("diffmean", strength=2.5)
     rows = {c.label: c.spec for c in default_conditions()}
-    # the default's push and slot, along the SAE-free direction
-    assert rows["diffmean 0.15 slot 0.5"] == Spec("diffmean", slot_push=Spec().slot)
+    # the default's push, slot and temperature, along the SAE-free direction
+    assert rows["diffmean 0.05 prompt x4 slot 1 T1.2"] == Spec("diffmean")

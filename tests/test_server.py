@@ -172,7 +172,8 @@ def test_auto_strength_is_resolved_reported_and_shown_on_the_topic(client: httpx
                                           "max_new_tokens": 4, "strength": "auto"})  # the default method
     assert r.status_code == 200, r.text
     got = r.json()["generations"][0]
-    chosen = served.reference.auto_strength(served.reference.topic(TOPIC_A))
+    # greedy: the search samples its probes at 1 (a sampled request's, at its own temperature)
+    chosen = served.reference.auto_strength(served.reference.topic(TOPIC_A), Spec(strength="auto", greedy=True))
     assert (got["method"], got["strength"]) == (DEFAULT_METHOD, chosen.strength)
     want = served.reference.generate("the cat sat on the", TOPIC_A, Spec(strength=chosen.strength, greedy=True,
                                                                            max_new_tokens=4))[0]

@@ -102,8 +102,8 @@ def test_a_row_at_strength_0_gets_no_slot(aligner: Aligner, sae: SAE) -> None:
 
 
 def test_slot_push_is_resolved_and_checked() -> None:
-    assert Spec().slot == Spec("add").slot_push == DEFAULT_SLOT_PUSH["add"]
-    assert Spec("swap").slot == Spec("diffmean").slot == 0.0  # only add has a default slot
+    assert Spec().slot == Spec("add").slot_push == DEFAULT_SLOT_PUSH["add"] == Spec("diffmean").slot == 1.0
+    assert Spec("swap").slot == Spec("swap_add").slot == 0.0  # only add and diffmean have a default slot
     assert Spec(**Spec().to_json()) == Spec()
     for bad in (-0.1, 4.5, float("nan"), float("inf"), True, "1"):
         with pytest.raises(SaealignError, match="slot_push must be a number from 0 to 4"):
@@ -111,7 +111,7 @@ def test_slot_push_is_resolved_and_checked() -> None:
 
 
 def test_the_benchmark_measures_the_slot_against_its_template_and_the_push_without_it() -> None:
-    conds = {c.label: c for c in default_conditions(Spec(slot_push=1.0))}
+    conds = {c.label: c for c in default_conditions(Spec(strength=0.15, prompt_boost=1, slot_push=1.0, temperature=1))}
     alone = conds["slot template alone"]
     assert alone.slot_template and shared_by_topics(alone) and not unsteered(alone)
     assert unsteered(conds["none"]) and not conds["none"].slot_template

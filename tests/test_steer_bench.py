@@ -87,7 +87,7 @@ def test_bench_identities_on_a_tiny_stack(tiny_lm: LoadedModel, sae: SAE, index,
     aligner = Aligner(tiny_lm, sae, 0, index, HashingEmbedder())
     classifier = TopicClassifier(tiny_lm, topics)  # a model as the feature source (the default is the embedder)
     assert set(classifier.groups) == {"clinc"} and 0 <= classifier.groups["clinc"].accuracy <= 1
-    conditions = [BenchCondition("none", Spec("none")), BenchCondition("add 0", Spec("add", strength=0)),
+    conditions = [BenchCondition("none", Spec("none")), BenchCondition("add 0", Spec("add", strength=0, temperature=1)),
                   BenchCondition("prompting", Spec("none"), prompting=True),
                   BenchCondition("add 1", Spec("add", strength=1)), BenchCondition("shots", Spec("none"), examples=2)]
     cfg = BenchConfig(n_openers=3, seeds=(0, 1), max_new_tokens=6, batch=7)
@@ -183,38 +183,48 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
 
 
 def test_default_rows_compare_the_boosted_default_with_the_constant_push() -> None:
-    default = Spec(strength=0.2, prompt_boost=4)
+    default = Spec()  # add 0.05, prompt x4, slot 1, temperature 1.2
     rows = {c.label: c for c in default_conditions(default)}
     assert len(rows) == len(default_conditions(default))  # labels are unique
-    assert rows["default (add 0.2 prompt x4 slot 0.5)"].spec == default and rows["prompting + default"].prompting
-    assert rows["add 0.175 prompt x4 slot 0.5"].spec == Spec(strength=0.175, prompt_boost=4)
-    assert rows["add 0.25 constant push"].spec == Spec(strength=0.25, prompt_boost=1)
-    assert rows["add auto prompt x4 slot 0.5"].spec.is_auto and rows["add auto prompt x4 slot 0.5"].spec.boost == 4
-    assert rows["add 0.35 slot 0.5 with feedback"].spec == Spec(feedback=True)  # the feedback's own strength and boost
-    assert rows["add 0.2 prompt x4 slot 0.5 without output match"].spec == Spec(strength=0.2, prompt_boost=4, output_match=False)
+    assert rows["default (add 0.05 prompt x4 slot 1 T1.2)"].spec == default and rows["prompting + default"].prompting
+    assert rows["prompting + default"].spec == default and rows["prompting"].spec == Spec("none")
+    assert rows["add 0.075 prompt x4 slot 1 T1.2"].spec == Spec(strength=0.075)
+    assert rows["add 0.025 prompt x4 slot 1 T1.2"].spec == Spec(strength=0.025)
+    # the constant push at the default's prompt push (0.05 x 4), and the default sampled at temperature 1
+    assert rows["add 0.2 slot 1 T1.2 constant push"].spec == Spec(strength=0.2, prompt_boost=1)
+    assert rows["add 0.05 prompt x4 slot 1"].spec == Spec(temperature=1.0)
+    assert rows["add auto prompt x4 slot 1 T1.2"].spec.is_auto and rows["add auto prompt x4 slot 1 T1.2"].spec.boost == 4
+    # the feedback's own strength and boost, the default's slot and temperature
+    assert rows["add 0.35 slot 1 T1.2 with feedback"].spec == Spec(feedback=True)
+    assert rows["add 0.05 prompt x4 slot 1 T1.2 without output match"].spec == Spec(output_match=False)
     assert not any("output match" in c.label for c in default_conditions(Spec(output_match=False)))
-    assert [c.label for c in default_conditions(Spec("add", strength=0.25, prompt_boost=1))][3:9] == [
-        "default (add 0.25 slot 0.5)", "examples in prompt", "examples in prompt + default", "add 0.225 slot 0.5",
-        "add 0.275 slot 0.5", "add 0.25"]  # the default's push without the slot (then its template alone)
-    assert {c.label: c for c in default_conditions()}["add 0.15 one layer slot 0.5"].spec == Spec(companion_push=0)
+    assert [c.label for c in default_conditions(Spec("add", strength=0.25, prompt_boost=1, temperature=1))][3:9] == [
+        "default (add 0.25 slot 1)", "examples in prompt", "examples in prompt + default", "add 0.225 slot 1",
+        "add 0.275 slot 1", "add 0.25"]  # the default's push without the slot (then its template alone)
+    assert not any("constant push" in c.label or c.spec.heat != 1  # nothing to compare a constant push at 1 with
+                   for c in default_conditions(Spec(prompt_boost=1, temperature=1)) if c.spec.method == "add"
+                   and not c.spec.feedback)
+    assert rows["add 0.05 prompt x4 one layer slot 1 T1.2"].spec == Spec(companion_push=0)
     assert len(default_conditions(Spec(companion_push=0))) == len(default_conditions()) - 1  # no second one-layer row
-    assert {c.label for c in default_conditions(Spec(companion_push=2))} >= {"default (add 0.15 companion x2 slot 0.5)",
-                                                                            "add 0.15 one layer slot 0.5"}
+    assert {c.label for c in default_conditions(Spec(companion_push=2))} >= {
+        "default (add 0.05 prompt x4 companion x2 slot 1 T1.2)", "add 0.05 prompt x4 one layer slot 1 T1.2"}
     # the tuned mix's row: the default's push along the tuned mix; a tuned default gets none
-    assert {c.label: c for c in default_conditions()}["add 0.15 tuned 12 slot 0.5"].spec == Spec(tune_steps=12)
+    assert rows["add 0.05 prompt x4 tuned 12 slot 1 T1.2"].spec == Spec(tune_steps=12)
     assert not any("tuned 12" in c.label for c in default_conditions(Spec(tune_steps=3)))
-    assert default_conditions(Spec(tune_steps=3))[3].label == "default (add 0.15 tuned 3 slot 0.5)"
-    # a default sampled hotter says so in every row built from it; greedy decoding reads no temperature
-    hotter = {c.label: c for c in default_conditions(Spec(strength=0.1, prompt_boost=1.5, temperature=1.2))}
+    assert default_conditions(Spec(tune_steps=3))[3].label == "default (add 0.05 prompt x4 tuned 3 slot 1 T1.2)"
+    # a temperature shows in every row built from it; greedy decoding reads none
+    hotter = {c.label: c for c in default_conditions(Spec(strength=0.1, prompt_boost=1.5, slot_push=0.5))}
     assert hotter["default (add 0.1 prompt x1.5 slot 0.5 T1.2)"].spec.temperature == 1.2
     assert "add 0.125 prompt x1.5 slot 0.5 T1.2" in hotter
-    assert condition_name(Spec(temperature=1.2, greedy=True)) == "add 0.15 slot 0.5"
+    assert condition_name(Spec(greedy=True)) == "add 0.05 prompt x4 slot 1"
+    assert condition_name(Spec("none", temperature=0.8)) == "none 1 T0.8"
 
 
 def test_named_rows_come_in_the_benchmarks_order() -> None:
-    picked = named_conditions(["diffmean 0.15 slot 0.5", "default", "none"])
-    assert [c.label for c in picked] == ["none", "default (add 0.15 slot 0.5)", "diffmean 0.15 slot 0.5"]
-    assert picked[1].spec == Spec() and picked[2].spec == Spec("diffmean", slot_push=0.5)  # the same push, slot and all
+    picked = named_conditions(["diffmean 0.05 prompt x4 slot 1 T1.2", "default", "none"])
+    assert [c.label for c in picked] == ["none", "default (add 0.05 prompt x4 slot 1 T1.2)",
+                                         "diffmean 0.05 prompt x4 slot 1 T1.2"]
+    assert picked[1].spec == Spec() and picked[2].spec == Spec("diffmean")  # the same push, slot and temperature
     assert named_conditions(list(MAIN_ROWS)) == main_conditions()
 
 

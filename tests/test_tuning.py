@@ -168,7 +168,7 @@ def test_a_topic_pushed_at_strength_zero_is_not_tuned_and_gets_no_push(paired: A
 
 def test_auto_searches_the_untuned_mix_then_tunes_at_the_strength_it_chose(paired: Aligner) -> None:
     topic = _topic(paired.sae)
-    spec = Spec("add", strength="auto", tune_steps=2)
+    spec = Spec("add", strength="auto", tune_steps=2, prompt_boost=1)  # on the tiny stack the x4 prompt finds none
     plan = paired._plan(["the cat", "a dog"], topic, spec, 0, None, None)
     chosen = paired.auto_strength(paired.with_contrast(topic), spec).strength
     assert plan.strengths == [chosen, chosen] and chosen > 0  # the tiny stack's search finds a strength

@@ -45,12 +45,14 @@ SPEC_OPTIONS = [
     click.option("--mode", type=click.Choice(MODES), default="error", show_default=True,
                  help="error: keep the SAE's reconstruction error; replace: layer output = SAE decode (the paper)"),
     click.option("--strength", default=None,
-                 help="how hard the method steers (add, diffmean: x median residual norm, default 0.15; Swap/Weight: "
+                 help="how hard the method steers (add, diffmean: x median residual norm, default 0.05; Swap/Weight: "
                       "scores**strength, default 1 = the paper); auto: the strongest within the fluency budget, "
                       "searched once per topic"),
     click.option("--max-new-tokens", default=64, show_default=True),
     click.option("--top-k", default=5, show_default=True),
-    click.option("--temperature", default=1.0, show_default=True),
+    click.option("--temperature", type=float, default=None,
+                 help="divides the logits before sampling (default: 1.2 for add and diffmean, part of their "
+                      "default recipe; 1 for the other methods)"),
     click.option("--greedy", is_flag=True, help="argmax decoding instead of top-k sampling"),
     click.option("--chat/--no-chat", default=False, show_default=True, help="wrap prompts in the model's chat template"),
     click.option("--steer-prompt/--no-steer-prompt", default=True, show_default=True,
@@ -72,7 +74,7 @@ SPEC_OPTIONS = [
                  help="additive methods: fade the push as the generated text reads like the topic"),
     click.option("--prompt-boost", type=float, default=None,
                  help="additive methods: push the prompt this many times harder than each generated token "
-                      f"(default {DEFAULT_PROMPT_BOOST['add']:g}: one push throughout)"),
+                      f"(default {DEFAULT_PROMPT_BOOST['add']:g} for add and diffmean, else 1: one push throughout)"),
     click.option("--companion-push", type=float, default=None,
                  help="additive methods: also push at the companion layers (blocks 6 and 10 for the defaults), this "
                       "many times (x each one's weight) as hard as the main layer, which then takes "
@@ -85,7 +87,7 @@ SPEC_OPTIONS = [
     click.option("--slot-push", type=float, default=None,
                  help="additive methods: read the prompt after 'Notes on something.' with the "
                       "placeholder pushed this hard along the topic direction (strength units); 0 = no slot "
-                      f"(default {DEFAULT_SLOT_PUSH['add']:g} for add, else 0)"),
+                      f"(default {DEFAULT_SLOT_PUSH['add']:g} for add and diffmean, else 0)"),
 ]
 SPEC_FIELDS = {f.name for f in fields(GenerationSpec)}
 

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 @click.option("--max-new-tokens", default=48, show_default=True)
 @click.option("--rows", default="all", show_default=True,
               help="all; main: only none, prompting, prompting + default and the default (a quarter of the time); "
-                   "or row names, comma-joined (e.g. 'none,default,add 0.15')")
+                   "or row names, comma-joined (e.g. 'none,default,add 0.1')")
 @click.option("--quick", is_flag=True, help="one group, 4 openers, 1 seed, 16 tokens, main rows (minutes)")
 @data_option
 @click.option("--out", type=click.Path(path_type=Path), default=Path("reports/steer_bench"), show_default=True)

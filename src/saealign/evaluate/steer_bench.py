@@ -126,7 +126,7 @@ NEIGHBOUR_STEP = 0.025
 def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondition]:
     """none, prompting, prompting + the default, the default, few-shot prompting (:data:`EXAMPLES_IN_PROMPT` topic texts
     before the opener) alone and with the default, the default's neighbours (strength ± :data:`NEIGHBOUR_STEP`, the
-    constant push for a boosted default, the main layer alone where the default has a companion push, auto, the
+    constant push at a boosted default's prompt push, the default at temperature 1 where it samples hotter, the main layer alone where the default has a companion push, auto, the
     direction without the activation contrast and without the output match, the topic feedback, the same push along the
     SAE-free difference of means and along the tuned mix), the paper's Swap, and the hybrid swap_add. (The prompt boost, measured in run 5, is no longer a row: ``SteerBenchOptions.conditions`` can name it.)"""
     default = default or GenerationSpec()
@@ -140,9 +140,12 @@ def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondi
         s = float(default.strength)  # type: ignore[arg-type]
         near = [replace(default, strength=round(x, 4)) for x in (s - NEIGHBOUR_STEP, s + NEIGHBOUR_STEP) if x > 0]
         out += [BenchCondition(condition_name(spec), spec) for spec in near]
-        if default.boost != 1:  # the constant push the boost is measured against, at and above the default
-            out += [BenchCondition(f"{default.method} {x:g} constant push", replace(default, strength=x, prompt_boost=1.0))
-                    for x in sorted({0.25, 0.3})]
+        if default.boost != 1:  # the constant push at the default's prompt push: what the lighter push on new tokens buys
+            flat = replace(default, strength=round(s * default.boost, 4), prompt_boost=1.0)
+            out += [BenchCondition(f"{condition_name(flat)} constant push", flat)]
+        if default.heat != 1 and not default.greedy:  # the same push sampled at the model's own temperature (run 14b)
+            cool = replace(default, temperature=1.0)
+            out += [BenchCondition(condition_name(cool), cool)]
         if default.slot:  # the same push without the slot, and the slot's template alone (docs/results.md, run 13)
             plain = replace(default, slot_push=0.0)
             out += [BenchCondition(condition_name(plain), plain),

@@ -64,7 +64,7 @@ class ServerGuard:
 
 def fallback_spec(spec: GenerationSpec) -> GenerationSpec:
     """What ``auto_strength="fallback"`` serves while a topic's search runs: ``spec`` at its method's default
-    strength (the paper's 1 for Swap/Weight; add and diffmean 0.15, add 0.35 with feedback; swap_add 0.3)."""
+    strength (the paper's 1 for Swap/Weight; add and diffmean 0.05, add 0.35 with feedback; swap_add 0.3)."""
     return replace(spec, strength=None)
 
 

@@ -172,8 +172,8 @@ async def _openai(state: ServerState, request: Request, body: OpenAIRequest, pro
         raise ApiError(400, "stop sequences are not supported by saealign: leave stop out")
     topic_id, topic = await state.topic(body.topic)
     s = body.saealign
-    temperature = 1.0 if body.temperature is None else body.temperature
-    fields = s.spec_fields() | {"temperature": temperature or 1.0, "greedy": s.greedy or temperature == 0, "chat": chat}
+    greedy = s.greedy or body.temperature == 0  # OpenAI's temperature 0: the most likely token
+    fields = s.spec_fields() | {"temperature": None if greedy else body.temperature, "greedy": greedy, "chat": chat}
     spec = state.spec(topic, s.method, max_tokens, fields)
     seed = body.seed or 0
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

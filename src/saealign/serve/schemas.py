@@ -21,6 +21,7 @@ from saealign.steering.spec import (
     DEFAULT_METHOD,
     DEFAULT_PROMPT_BOOST,
     DEFAULT_SLOT_PUSH,
+    DEFAULT_TEMPERATURE,
     DEFAULT_TUNE_STEPS,
     METHODS,
     MODES,
@@ -92,7 +93,7 @@ class SteeringOptions(BaseModel):
     strength: float | Literal["auto"] | None = Field(
         default=None, description="how hard the method steers, within its range (add: x median residual norm; "
                                   "Swap/Weight: scores**strength, 1 = the paper); null = the method's default "
-                                  "(add and diffmean 0.15, add 0.35 with feedback; swap_add 0.3; Swap/Weight 1); auto = the "
+                                  "(add and diffmean 0.05, add 0.35 with feedback; swap_add 0.3; Swap/Weight 1); auto = the "
                                   "strongest within the fluency budget, searched once per topic")
     steer_prompt: bool = Field(default=True, description="also edit the prompt's positions")
     clamp_n: int = Field(default=5, description="clamp: latents forced on")
@@ -109,7 +110,7 @@ class SteeringOptions(BaseModel):
                                                      "like the topic")
     prompt_boost: float | None = Field(
         default=None, description="additive methods: push the prompt this many times harder than each generated "
-                                  f"token; null = the default ({DEFAULT_PROMPT_BOOST['add']:g}: one push throughout)")
+                                  f"token; null = the default ({DEFAULT_PROMPT_BOOST['add']:g} for add and diffmean, else 1)")
     companion_push: float | None = Field(
         default=None, description="additive methods: also push at the served stack's companion layers, this many "
                                   "times (x each one's weight) as hard as the main layer, which then takes "
@@ -122,7 +123,7 @@ class SteeringOptions(BaseModel):
     slot_push: float | None = Field(
         default=None, description="additive methods: read the prompt after 'Notes on something.' "
                                   "with the placeholder pushed this hard along the topic direction (strength units); "
-                                  f"0 = no slot; null = the default ({DEFAULT_SLOT_PUSH['add']:g} for add, else 0)")
+                                  f"0 = no slot; null = the default ({DEFAULT_SLOT_PUSH['add']:g} for add and diffmean, else 0)")
     top_k: int = 5
     greedy: bool = False
 
@@ -137,7 +138,9 @@ class GenerateRequest(SteeringOptions):
     topic_id: str | None = Field(default=None, description="alias of topic (an id)")
     topic_texts: list[str] | None = Field(default=None, description="alias of topic (its texts)")
     max_new_tokens: int | None = Field(default=None, description="default: 64 or the server's limit if lower")
-    temperature: float = 1.0
+    temperature: float | None = Field(
+        default=None, description=f"divides the logits before sampling; null = the method's default "
+                                  f"({DEFAULT_TEMPERATURE['add']:g} for add and diffmean, else 1)")
     seed: int | list[int] = 0
     chat: bool = False
     stream: bool = False

@@ -53,7 +53,7 @@ class Sampling:
     @classmethod
     def of(cls, spec: GenerationSpec) -> Sampling:
         """The sampling fields of a generation spec."""
-        return cls(spec.max_new_tokens, spec.top_k, spec.temperature, spec.greedy)
+        return cls(spec.max_new_tokens, spec.top_k, spec.heat, spec.greedy)
 
 
 class Step(NamedTuple):

@@ -40,25 +40,27 @@ AUTO = "auto"
 DEFAULT_METHOD = "add"
 """What a request with a topic and no method gets: chosen by ``saealign eval steer-bench`` (docs/results.md)."""
 
-DEFAULT_STRENGTH: dict[str, float] = {"swap": 1.0, "weight": 1.0, "add": 0.15, "swap_add": 0.3, "diffmean": 0.15}
+DEFAULT_STRENGTH: dict[str, float] = {"swap": 1.0, "weight": 1.0, "add": 0.05, "swap_add": 0.3, "diffmean": 0.05}
 """What ``strength=None`` (a request that names none) means per method. Swap and Weight: the paper's 1. The
-additive methods: 0.15 (add, with the output match and the default stack's two companion layers) and 0.3 (swap_add)
-× the median residual norm, chosen by ``saealign eval steer-bench`` (docs/results.md, run 9): the strongest push whose
-judge perplexity stays within 1.13x (0.02 under the 1.15x bound, for seed noise) and distinct-2 within 0.9x of the
-unsteered text's over the benchmark's 12 topics on 12 seeds, one global number (no per-topic tuning); on the 12
-held-out seeds 12-23 it reads 1.167x, just outside the 1.15x bound (run 10); ``"auto"``
-searches a strength per topic instead. With companion layers on (:attr:`GenerationSpec.companion_push`) the number is
-shared between the layers (:data:`COMPANION_MAIN_SHARE`): 0.1 at block 15, 0.133 at block 6 and 0.08 at block 10.
-``diffmean`` takes add's 0.15, so the two compare at the same push."""
+additive methods: 0.05 (add: each generated token's push, with the prompt pushed 4 times as hard, the concept slot at 1,
+sampled at temperature 1.2; :data:`DEFAULT_PROMPT_BOOST`, :data:`DEFAULT_SLOT_PUSH`, :data:`DEFAULT_TEMPERATURE`) and
+0.3 (swap_add) × the median residual norm, chosen by ``saealign eval steer-bench`` (docs/results.md, runs 14b and 14c:
+the one setting measured that meets every target, topic hit rate above prompting's at judge perplexity within 1.15x
+and distinct-2 above 0.9x of the unsteered text's, over the benchmark's 12 topics, on two held-out blocks of 4 seeds;
+one global number, no per-topic tuning; the push before it, 0.15 with the prompt unboosted and the slot at 0.5, steered
+harder, 0.90 against 0.81, and repeated itself, 0.86x distinct-2). ``"auto"`` searches a strength per topic instead.
+With companion layers on (:attr:`GenerationSpec.companion_push`) the number is shared between the layers
+(:data:`COMPANION_MAIN_SHARE`). ``diffmean`` takes add's whole recipe, so the two compare at the same push."""
 FEEDBACK_STRENGTH: dict[str, float] = {**DEFAULT_STRENGTH, "add": 0.35}
 """The same with ``feedback=True``: the push is full only while the text is off topic, so add's is higher."""
 
-DEFAULT_PROMPT_BOOST: dict[str, float] = {"add": 1.0}
+DEFAULT_PROMPT_BOOST: dict[str, float] = {"add": 4.0, "diffmean": 4.0}
 """What ``prompt_boost=None`` means for a method without topic feedback (:attr:`GenerationSpec.prompt_boost`):
-how many times harder the prompt is pushed than each generated token. 1 (a constant push) for every method:
-on ``saealign eval steer-bench`` the boost looked like a gain on the screening seeds and was none on the
-held-out ones (add 0.2 with the prompt at x3: 0.729 hit rate at 1.130x judge perplexity over seeds 0-3, against
-0.727 at 1.131x for the constant 0.25), and it cost prompting + steering 7 points (docs/results.md)."""
+how many times harder the prompt is pushed than each generated token. add and diffmean: 4, part of the default
+recipe (:data:`DEFAULT_STRENGTH`): the topic is set in the prompt and the concept slot, and the generated tokens are
+pushed lightly, which repeats the topic's stock phrases less (docs/results.md, runs 14-14c). Without the slot and the
+temperature the boost had been no gain (run 5: add 0.2 with the prompt at x3, 0.729 hit rate at 1.130x judge
+perplexity, against 0.727 at 1.131x for the constant 0.25). The other methods: 1 (a constant push)."""
 PROMPT_BOOST_MAX = 10.0
 
 DEFAULT_COMPANION_PUSH = 4 / 3
@@ -77,17 +79,23 @@ DEFAULT_TUNE_STEPS: dict[str, int] = {"add": 0}
 the topic texts (:mod:`saealign.steering.tuning`); every other method has nothing to tune."""
 TUNE_STEPS_MAX = 200
 
-DEFAULT_SLOT_PUSH: dict[str, float] = {"add": 0.5}
+DEFAULT_SLOT_PUSH: dict[str, float] = {"add": 1.0, "diffmean": 1.0}
 """What ``slot_push=None`` means (:attr:`GenerationSpec.slot_push`): how hard the concept slot's placeholder is
-pushed, in strength units (× each layer's residual norm, in the layers' shares). ``add``: 0.5, chosen on
-``saealign eval steer-bench``'s screening seeds (docs/results.md, run 13: with add's 0.15, 0.846 hit rate at 1.010x
-judge perplexity against 1.063x with the slot at 1, and 0.823 at 1.061x without a slot) and held out on seeds 28-31:
-0.816 at 1.088x against 0.784 at 1.178x without the slot (prompting 0.753 at 0.964x), at 0.82x distinct-2 against
-0.92x; with today's template, on seeds 32-35, 0.875 at 1.104x and 0.85x distinct-2 (prompting 0.740 at 0.949x, run
-13b). The other methods: 0 (no slot)."""
+pushed, in strength units (× each layer's residual norm, in the layers' shares). add and diffmean: 1, part of the
+default recipe (:data:`DEFAULT_STRENGTH`; docs/results.md, runs 14b and 14c). The slot alone had been chosen at 0.5
+beside add's earlier 0.15 (run 13: 0.846 hit rate at 1.010x judge perplexity against 1.063x with the slot at 1, and
+0.823 at 1.061x without a slot). The other methods: 0 (no slot)."""
 SLOT_PUSH_MAX = 4.0
 """The hardest slot push: past it the placeholder's residual is the push alone, and a harder one read worse (2 steered
 less than 1 on the benchmark's screen, run 13)."""
+
+DEFAULT_TEMPERATURE: dict[str, float] = {"add": 1.2, "diffmean": 1.2}
+"""What ``temperature=None`` means (:attr:`GenerationSpec.temperature`): add and diffmean sample at 1.2, part of the
+default recipe (:data:`DEFAULT_STRENGTH`). A lightly pushed model has fluency to spare and repeats the topic's stock
+phrases across continuations; sampling hotter buys variety with that spare fluency (docs/results.md, run 14b: the
+recipe at 1.2 read 0.922x distinct-2 at 1.118x judge perplexity, at 1 0.888x at 0.969x). Every other method: 1 (the
+model's own distribution over the ``top_k`` best tokens; prompting sampled at 1.2 read 0.762 hit rate at 1.112x against
+0.772 at 0.980x)."""
 
 STRENGTH_RANGE: dict[str, tuple[float, float]] = {
     "swap": (0.0, 8.0),
@@ -141,7 +149,9 @@ class GenerationSpec:
     max_new_tokens: int = 64
     top_k: int = 5
     """Sample among the ``top_k`` most likely tokens (the paper: 5)."""
-    temperature: float = 1.0
+    temperature: float | None = None
+    """Divides the logits before sampling; None = the method's :data:`DEFAULT_TEMPERATURE` (1 where it names none),
+    resolved on construction."""
     greedy: bool = False
     """Take the most likely token (deterministic; top_k, temperature and seeds unused)."""
     chat: bool = False
@@ -213,8 +223,11 @@ class GenerationSpec:
             raise SaealignError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.top_k < 1:
             raise SaealignError(f"top_k must be at least 1, got {self.top_k}")
-        if not self.greedy and not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise SaealignError(f"temperature must be a finite number > 0, got {self.temperature}: or use greedy")
+        temperature = DEFAULT_TEMPERATURE.get(self.method, 1.0) if self.temperature is None else self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or (
+                not self.greedy and not (temperature > 0 and math.isfinite(temperature))):
+            raise SaealignError(f"temperature must be a finite number > 0, got {temperature!r}: or use greedy")
+        object.__setattr__(self, "temperature", float(temperature))
         if self.clamp_n < 1:
             raise SaealignError(f"clamp_n must be at least 1, got {self.clamp_n}")
         if not (self.clamp_multiplier > 0 and math.isfinite(self.clamp_multiplier)):
@@ -226,8 +239,12 @@ class GenerationSpec:
         boost = self.prompt_boost
         if boost is None:
             boost = 1.0 if self.feedback else DEFAULT_PROMPT_BOOST.get(self.method, 1.0)
-            if push > 0:  # a strong push: the default boost gives way
-                boost = min(boost, max(1.0, high / push))
+            # a strong push (at the main layer or, named, a companion's): the default boost gives way
+            companion_share = COMPANION_MAIN_SHARE * self.companion_push if isinstance(
+                self.companion_push, (int, float)) and not isinstance(self.companion_push, bool) else 0.0
+            reach = push * max(1.0, companion_share)
+            if reach > 0:
+                boost = min(boost, max(1.0, high / reach))
             object.__setattr__(self, "prompt_boost", boost)
         if isinstance(boost, bool) or not isinstance(boost, (int, float)) or not 0 <= boost <= PROMPT_BOOST_MAX:
             raise SaealignError(f"prompt_boost must be a number from 0 to {PROMPT_BOOST_MAX:g}, got {boost!r}")
@@ -264,6 +281,11 @@ class GenerationSpec:
     def boost(self) -> float:
         """:attr:`prompt_boost` as resolved on construction (always a number)."""
         return float(self.prompt_boost)  # type: ignore[arg-type]
+
+    @property
+    def heat(self) -> float:
+        """:attr:`temperature` as resolved on construction (always a number)."""
+        return float(self.temperature)  # type: ignore[arg-type]
 
     @property
     def slot(self) -> float:
