@@ -139,6 +139,23 @@ def test_generate_matches_the_library(client: httpx.Client, served: Served) -> N
                                                                               max_new_tokens=4))[0].token_ids
 
 
+def test_a_request_without_a_temperature_samples_at_the_methods_default(client: httpx.Client, served: Served) -> None:
+    tid = topic_id(client, TOPIC_A)
+    prompts = ["the cat sat on the", "a dog"]
+    body = {"prompts": prompts, "topic_id": tid, "max_new_tokens": 16, "seed": 1, "slot_push": 0}
+
+    def ids(spec: Spec) -> list[list[int]]:
+        return [g.token_ids for g in served.reference.generate(prompts, TOPIC_A, spec, seed=1)]
+
+    hot, cool = ids(Spec(max_new_tokens=16, slot_push=0)), ids(Spec(max_new_tokens=16, slot_push=0, temperature=1.0))
+    assert hot != cool  # the two temperatures sample different text here, so the comparisons below can tell them apart
+    got = client.post("/v1/generate", json=body)
+    assert got.status_code == 200, got.text
+    assert [g["token_ids"] for g in got.json()["generations"]] == hot  # add's default, 1.2
+    named = client.post("/v1/generate", json={**body, "temperature": 1.0}).json()["generations"]
+    assert [g["token_ids"] for g in named] == cool
+
+
 def test_one_topic_shape_in_every_route_and_every_spec_field(client: httpx.Client, served: Served) -> None:
     """``topic`` (an id or texts) in every route, the old names as aliases; the spec fields the CLI has."""
     tid = topic_id(client, TOPIC_A)

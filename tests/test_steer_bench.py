@@ -18,6 +18,7 @@ from saealign.evaluate.metrics import distinct_n
 from saealign.evaluate.steer_bench import (
     EXAMPLES_IN_PROMPT,
     INSTRUCTION,
+    PREVIOUS_DEFAULT,
     BenchCondition,
     BenchConfig,
     bench_openers,
@@ -217,6 +218,11 @@ def test_default_rows_compare_the_boosted_default_with_the_constant_push() -> No
     assert hotter["default (add 0.1 prompt x1.5 slot 0.5 T1.2)"].spec.temperature == 1.2
     assert "add 0.125 prompt x1.5 slot 0.5 T1.2" in hotter
     assert condition_name(Spec(greedy=True)) == "add 0.05 prompt x4 slot 1"
+    # the previous default, a row of its own (once: a run whose default it is has no second one)
+    assert rows["previous default (add 0.15 slot 0.5)"].spec == PREVIOUS_DEFAULT == Spec(
+        strength=0.15, prompt_boost=1, slot_push=0.5, temperature=1)
+    assert not any(c.label.startswith("previous") for c in default_conditions(PREVIOUS_DEFAULT))
+    assert [c.label for c in named_conditions(["previous default"])] == ["previous default (add 0.15 slot 0.5)"]
     assert condition_name(Spec("none", temperature=0.8)) == "none 1 T0.8"
 
 

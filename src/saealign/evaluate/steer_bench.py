@@ -119,6 +119,11 @@ def condition_name(spec: GenerationSpec) -> str:
 TUNED_ROW_STEPS = 12
 """The tuned mix's row: the default with its latent mix tuned this many steps (:mod:`saealign.steering.tuning`)."""
 
+PREVIOUS_DEFAULT = GenerationSpec(method="add", strength=0.15, prompt_boost=1.0, slot_push=0.5, temperature=1.0)
+"""The default before run 15 (docs/results.md, runs 13-14): a harder constant push with the slot at 0.5, sampled at 1.
+Steered harder than today's (0.90 against 0.81 hit rate on seeds 36-47) and repeated itself (0.86x distinct-2); a row of
+its own so every run can place today's default against it."""
+
 NEIGHBOUR_STEP = 0.025
 """The strength step of the default's neighbour rows: about 4-6 points of hit rate apart near the default (run 8)."""
 
@@ -128,7 +133,8 @@ def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondi
     before the opener) alone and with the default, the default's neighbours (strength ± :data:`NEIGHBOUR_STEP`, the
     constant push at a boosted default's prompt push, the default at temperature 1 where it samples hotter, the main layer alone where the default has a companion push, auto, the
     direction without the activation contrast and without the output match, the topic feedback, the same push along the
-    SAE-free difference of means and along the tuned mix), the paper's Swap, and the hybrid swap_add. (The prompt boost, measured in run 5, is no longer a row: ``SteerBenchOptions.conditions`` can name it.)"""
+    SAE-free difference of means and along the tuned mix), the previous default (:data:`PREVIOUS_DEFAULT`), the paper's
+    Swap, and the hybrid swap_add. (The prompt boost, measured in run 5, is no longer a row: ``SteerBenchOptions.conditions`` can name it.)"""
     default = default or GenerationSpec()
     out = [BenchCondition("none", GenerationSpec(method="none")),
            BenchCondition("prompting", GenerationSpec(method="none"), prompting=True),
@@ -168,6 +174,8 @@ def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondi
         if default.method == "add" and not default.tune_steps:  # the same push along the tuned mix (run 11)
             tuned = replace(default, tune_steps=TUNED_ROW_STEPS)
             out += [BenchCondition(condition_name(tuned), tuned)]
+    if default != PREVIOUS_DEFAULT:
+        out += [BenchCondition(f"previous default ({condition_name(PREVIOUS_DEFAULT)})", PREVIOUS_DEFAULT)]
     out += [BenchCondition("swap 1", GenerationSpec(method="swap", strength=1.0)),
             BenchCondition("swap_add 0.3", GenerationSpec(method="swap_add", strength=0.3))]
     return out
