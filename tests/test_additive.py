@@ -225,6 +225,14 @@ def test_no_temperature_means_the_methods_default() -> None:
     assert Spec(temperature=0.0, greedy=True).greedy  # greedy reads no temperature
 
 
+def test_the_unsteered_side_samples_at_the_unsteered_default_unless_one_was_chosen() -> None:
+    plain = Spec(max_new_tokens=9).unsteered()
+    assert (plain.method, plain.temperature, plain.max_new_tokens, plain.tune_steps) == ("none", 1.0, 9, 0)
+    assert Spec(temperature=0.7).unsteered().temperature == 0.7  # chosen: both sides sample at it
+    assert Spec("swap", temperature=1.3).unsteered().temperature == 1.3
+    assert Spec(tune_steps=3).unsteered().tune_steps == 0
+
+
 def test_strengths_outside_the_methods_range_are_refused() -> None:
     assert parse_strength("auto", "add") == "auto" and parse_strength("0.3", "add") == 0.3
     for bad, method in ((3, "add"), (9, "swap"), ("inf", "swap"), ("nan", "add"), (-1, "weight"), (True, "swap")):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import replace
 
 from rich.console import Console
 from rich.markup import escape
@@ -82,11 +81,13 @@ def run_demo(layer: int | None = None, max_new_tokens: int = 64, seed: int = 0, 
     # the library's default: the additive method at its default strength
     default = GenerationSpec(max_new_tokens=max_new_tokens, top_k=5)
     t0 = time.perf_counter()
-    plain = aligner.generate(prompts, topic, replace(default, method="none", tune_steps=0), seed=seed)
+    unsteered = default.unsteered()
+    plain = aligner.generate(prompts, topic, unsteered, seed=seed)
     steered = aligner.generate(prompts, topic, default, seed=seed)
     seconds = time.perf_counter() - t0
     console.print(side_by_side(plain, steered, f"{prompts_name}: unsteered vs the default ({max_new_tokens} tokens, "
-                                               "top-k 5)"))
+                                               f"top-k 5, temperature {unsteered.heat:g} and "
+                                               f"{default.heat:g})"))
     mean = lambda gs: sum(g.contamination or 0.0 for g in gs) / len(gs)  # noqa: E731
     console.print(f"mean contamination: unsteered {mean(plain):.3f}, {default.method} {mean(steered):.3f}; "
                   f"generation took {seconds:.1f} s for {2 * len(prompts)} continuations")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -235,8 +235,7 @@ def generate_cmd(model: str, sae_spec: str, layer: int | None, index_dir: Path |
 
     from saealign.demo import side_by_side
 
-    plain = steered if spec.method == "none" else aligner.generate(prompt_list, topic, replace(spec, method="none", tune_steps=0),
-                                                                   seed=seed)
+    plain = steered if spec.method == "none" else aligner.generate(prompt_list, topic, spec.unsteered(), seed=seed)
     Console().print(side_by_side(plain, steered, f"layer {aligner.layer}: unsteered vs {spec.method} ({spec.mode})"))
 
 

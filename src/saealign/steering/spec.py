@@ -296,6 +296,13 @@ class GenerationSpec:
     def is_auto(self) -> bool:
         return self.strength == AUTO
 
+    def unsteered(self) -> GenerationSpec:
+        """The same request unsteered (method ``none``, nothing tuned), for side-by-side views: sampled at the
+        temperature unsteered text gets by default, unless this spec's temperature is not its method's default (one
+        the user chose, which the unsteered side keeps)."""
+        chosen = self.heat != DEFAULT_TEMPERATURE.get(self.method, 1.0)
+        return replace(self, method="none", tune_steps=0, temperature=self.temperature if chosen else None)
+
     def with_strength(self, strength: float | str) -> GenerationSpec:
         return replace(self, strength=strength)
 
