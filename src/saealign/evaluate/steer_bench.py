@@ -131,10 +131,11 @@ NEIGHBOUR_STEP = 0.025
 def default_conditions(default: GenerationSpec | None = None) -> list[BenchCondition]:
     """none, prompting, prompting + the default, the default, few-shot prompting (:data:`EXAMPLES_IN_PROMPT` topic texts
     before the opener) alone and with the default, the default's neighbours (strength ± :data:`NEIGHBOUR_STEP`, the
-    constant push at a boosted default's prompt push, the default at temperature 1 where it samples hotter, the main layer alone where the default has a companion push, auto, the
-    direction without the activation contrast and without the output match, the topic feedback, the same push along the
-    SAE-free difference of means and along the tuned mix), the previous default (:data:`PREVIOUS_DEFAULT`), the paper's
-    Swap, and the hybrid swap_add. (The prompt boost, measured in run 5, is no longer a row: ``SteerBenchOptions.conditions`` can name it.)"""
+    constant push at a boosted default's prompt push, the default at temperature 1 where it samples hotter, the push
+    without the slot and the slot's template alone, the main layer alone where the default has a companion push, auto,
+    the direction without the activation contrast and without the output match, the topic feedback, the same push along
+    the SAE-free difference of means and along the tuned mix), the previous default (:data:`PREVIOUS_DEFAULT`), the
+    paper's Swap, and the hybrid swap_add. ``--rows`` picks any of them by name."""
     default = default or GenerationSpec()
     out = [BenchCondition("none", GenerationSpec(method="none")),
            BenchCondition("prompting", GenerationSpec(method="none"), prompting=True),

@@ -5,7 +5,9 @@ leaves the trade-off to the user; its constraint C3 says users should not tune p
 
 1. continue a small fixed set of neutral prompts (shipped) unsteered, with fixed seeds, and score each
    generated token's negative log-likelihood under the unsteered model itself;
-2. continue the same prompts with the same seeds at every candidate strength (one batch);
+2. continue the same prompts with the same seeds at every candidate strength (one batch), sampled at the temperature
+   the user's text will be (1.2 for the default recipe; 1 for greedy requests), the candidates divided by the prompt
+   boost (:meth:`AutoStrengthConfig.candidates`);
 3. turn each candidate's extra NLL into the perplexity ratio **a reader would see over ``read_tokens``
    tokens** (64, the default continuation): the extra NLL of the probe's second half is a per-token
    rate ``c`` that lasts; what the first half adds beyond it is a one-off cost ``C`` of switching topic.
@@ -128,7 +130,8 @@ class AutoStrengthConfig:
         grid = self.strengths or tuple(round(s / boost, 4) for s in CANDIDATES[method])
         chosen = tuple(sorted({s for s in grid if low < s <= high / boost}))
         if not chosen:
-            raise SaealignError(f"no candidate strength lies in {method}'s range ({low:g}, {high:g}]: {self.strengths}")
+            raise SaealignError(f"no candidate strength lies in {method}'s range at prompt boost {boost:g} "
+                                f"({low:g}, {high / boost:g}]: {self.strengths}")
         return chosen
 
     def key(self) -> str:
