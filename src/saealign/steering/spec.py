@@ -236,13 +236,16 @@ class GenerationSpec:
             raise SaealignError(f"n_latents must be at least 1, got {self.n_latents}")
         high = STRENGTH_RANGE.get(self.method, (0.0, math.inf))[1]
         push = 0.0 if self.is_auto or self.method not in ADDITIVE else float(self.strength)  # type: ignore[arg-type]
+        companion = self.companion_push
+        if companion is not None:
+            if isinstance(companion, bool) or not isinstance(companion, (int, float)) or not 0 <= companion <= COMPANION_PUSH_MAX:
+                raise SaealignError(f"companion_push must be a number from 0 to {COMPANION_PUSH_MAX:g}, got {companion!r}")
+            object.__setattr__(self, "companion_push", float(companion))  # 0 and 0.0 are one setting (cache keys)
         boost = self.prompt_boost
         if boost is None:
             boost = 1.0 if self.feedback else DEFAULT_PROMPT_BOOST.get(self.method, 1.0)
             # a strong push (at the main layer or, named, a companion's): the default boost gives way
-            companion_share = COMPANION_MAIN_SHARE * self.companion_push if isinstance(
-                self.companion_push, (int, float)) and not isinstance(self.companion_push, bool) else 0.0
-            reach = push * max(1.0, companion_share)
+            reach = push * max(1.0, COMPANION_MAIN_SHARE * (companion or 0.0))
             if reach > 0:
                 boost = min(boost, max(1.0, high / reach))
             object.__setattr__(self, "prompt_boost", boost)
@@ -251,14 +254,9 @@ class GenerationSpec:
         if push * boost > high:
             raise SaealignError(f"strength {self.strength} x prompt_boost {boost:g} pushes the prompt past {self.method}'s "
                                 f"largest strength ({high:g}): lower one of them")
-        companion = self.companion_push
-        if companion is not None:
-            if isinstance(companion, bool) or not isinstance(companion, (int, float)) or not 0 <= companion <= COMPANION_PUSH_MAX:
-                raise SaealignError(f"companion_push must be a number from 0 to {COMPANION_PUSH_MAX:g}, got {companion!r}")
-            object.__setattr__(self, "companion_push", float(companion))  # 0 and 0.0 are one setting (cache keys)
-            if push * boost * COMPANION_MAIN_SHARE * companion > high:
-                raise SaealignError(f"strength {self.strength} x companion_push {companion:g} pushes the companion layer "
-                                    f"past {self.method}'s largest strength ({high:g}): lower one of them")
+        if push * boost * COMPANION_MAIN_SHARE * (companion or 0.0) > high:
+            raise SaealignError(f"strength {self.strength} x companion_push {companion:g} pushes the companion layer "
+                                f"past {self.method}'s largest strength ({high:g}): lower one of them")
 
         steps = DEFAULT_TUNE_STEPS.get(self.method, 0) if self.tune_steps is None else self.tune_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= TUNE_STEPS_MAX:
